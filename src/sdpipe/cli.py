@@ -1,0 +1,195 @@
+"""`sdpipe` command line: a thin typer layer over the stage functions (which the tests call directly)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sdpipe.config import ConfigError, PipelineConfig, load_config, validate_config
+
+app = typer.Typer(
+    help="sdpipe: from a pile of data to a trained, evaluated diffusion model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config file (default: built-in defaults).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one setting, e.g. --set train.steps=500 (repeatable)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the whole pipeline on sklearn's digits: train, save, sample, evaluate, report (~5 min on 2 CPUs)."""
+    from sdpipe.pipeline import DataError, run_demo
+
+    cfg = _config(config, set_)
+    try:
+        result = run_demo(cfg, out, show_progress=not quiet)
+    except DataError as exc:
+        raise _fail(str(exc), 1) from None
+    _print_summary(result.metrics, out)
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Option(help="Model directory (as written by demo/train).")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs and samples.jsonl.")],
+    label: Annotated[str, typer.Option(help="Class to draw (e.g. 0..9), or 'all' to cycle through classes.")] = "all",
+    n: Annotated[int, typer.Option(help="Number of images.")] = 10,
+    seed: Annotated[int, typer.Option(help="Image i uses seed S+i: same seed, same image.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (default: the model's sample.steps).")] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="ddpm, ddim, euler, heun, dpmpp_2m, dpmpp_2m_karras, unipc.")
+    ] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale; 1 = none.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images held in memory at once; never changes an image.")] = 1000,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate images from a saved model: OUT/00000.png, ... and OUT/samples.jsonl."""
+    from sdpipe.sampling.files import generate_files
+
+    loaded = _load(model)
+    spec = _spec(loaded.meta.config, steps, sampler, guidance)
+    try:
+        records = generate_files(
+            loaded, out, label=label, n=n, seed=seed, spec=spec, batch_size=batch_size, show_progress=not quiet
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    out_console.print(f"wrote {len(records)} images and samples.jsonl to {out}")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, metrics.jsonl, model/.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a model from a config and save it to OUT/model."""
+    from sdpipe.pipeline import DataError, train_model
+
+    cfg = _config(config, set_)
+    try:
+        trained = train_model(cfg, out, show_progress=not quiet)
+    except DataError as exc:
+        raise _fail(str(exc), 1) from None
+    out_console.print(f"model saved to {trained.model.path}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json.")],
+    n: Annotated[int | None, typer.Option(help="Number of generated images to judge.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Judge a saved model against its training data: label accuracy, Frechet distance ratio, near-copies."""
+    from sdpipe.data import load_dataset
+    from sdpipe.evaluate.run import evaluate_model
+
+    loaded = _load(model)
+    cfg = PipelineConfig.model_validate(loaded.meta.config)
+    if n is not None:
+        cfg.evaluate.n_samples = n
+    data = load_dataset(cfg.data)
+    if data.dataset_id != loaded.meta.dataset_id:
+        err_console.print(
+            f"[yellow]warning:[/] data {data.dataset_id} differs from the model's {loaded.meta.dataset_id}"
+        )
+    metrics = evaluate_model(loaded, data, cfg.evaluate, _spec(loaded.meta.config, None, None, None), not quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"model": loaded.meta.weights_hash, "evaluation": metrics}, indent=2))
+    _print_summary({"evaluation": metrics}, out)
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Validate a config (file + --set overrides) and print the full result as YAML."""
+    import yaml
+
+    cfg = _config(config, set_)
+    out_console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
+
+
+def _load(path: Path):
+    from sdpipe.models import load_model
+
+    try:
+        return load_model(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _spec(model_config: dict, steps: int | None, sampler: str | None, guidance: float | None):
+    """The model's own sampling settings (its measured best), with the options given on the command line."""
+    from sdpipe.sampling import SampleSpec
+
+    sample = dict(model_config.get("sample", {}))
+    sample.update({k: v for k, v in (("steps", steps), ("sampler", sampler), ("guidance", guidance)) if v is not None})
+    try:
+        s = validate_config({"sample": sample}).sample
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    return SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)
+
+
+def _print_summary(metrics: dict, out: Path) -> None:
+    table = Table(title=f"sdpipe results ({out})")
+    for col in ("sampler", "steps", "guidance", "FD ratio (1.0 = real)", "label accuracy", "near-copies", "images/s"):
+        table.add_column(col, justify="right")
+    for r in metrics["evaluation"]["guidance_sweep"]:
+        table.add_row(
+            r["sampler"],
+            str(r["steps"]),
+            f"{r['guidance']:g}",
+            f"{r['fd_ratio']:.3f}",
+            f"{r.get('label_accuracy', float('nan')):.1%}",
+            f"{r['near_copy_share']:.1%}",
+            f"{r['images_per_s']:.0f}",
+        )
+    out_console.print(table)
+    if "timings_s" in metrics:
+        out_console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings_s"].items()))
+    out_console.print(
+        f"report: {out / 'report.html'}" if (out / "report.html").exists() else f"metrics: {out / 'metrics.json'}"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Every setting of the pipeline, typed, with its default, in one place.
+
+One pydantic model per stage (data, model, diffusion, train, sample, evaluate) nested in `PipelineConfig`.
+Configs load from YAML and take `--set dotted.key=value` overrides; anything unknown, mistyped or out of
+range is rejected with `ConfigError` before any work starts, naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SamplerName = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and what it accepts."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["digits"] = "digits"  # the embedded sklearn digits (1797 8x8 images, 10 classes)
+
+
+class ModelConfig(_Section):
+    """A diffusers `UNet2DModel`; attention in the blocks listed by `attention_levels`."""
+
+    block_out_channels: list[int] = Field(default=[32, 64], min_length=1, max_length=6)
+    layers_per_block: int = Field(default=1, ge=1, le=4)
+    attention_levels: list[int] = Field(default=[1])  # indices into block_out_channels
+    attention_head_dim: int = Field(default=32, ge=1)
+    norm_num_groups: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        bad = [i for i in self.attention_levels if not 0 <= i < len(self.block_out_channels)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} out of range: allowed 0..{len(self.block_out_channels) - 1}")
+        odd = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if odd:
+            raise ValueError(f"block_out_channels {odd} are not multiples of norm_num_groups")
+        return self
+
+
+class DiffusionConfig(_Section):
+    """How noise is added in training; saved as the diffusers scheduler config of the model."""
+
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    num_train_timesteps: int = Field(default=1000, ge=10, le=10000)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(default=3000, ge=1)  # optimizer steps
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=2e-3, gt=0, le=1)
+    warmup_steps: int = Field(default=100, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    min_snr_gamma: float | None = Field(default=5.0, gt=0)  # Hang et al. 2023; None = uniform weighting
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)  # upper bound; EMA warms up to it
+    label_dropout: float = Field(default=0.1, ge=0, le=1)  # share of labels replaced by the null label
+    checkpoint_every: int = Field(default=1000, ge=1)  # optimizer steps between checkpoints
+    seed: int = Field(default=0, ge=0)
+    threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = all cores
+
+
+class SampleConfig(_Section):
+    sampler: SamplerName = "dpmpp_2m"
+    steps: int = Field(default=20, ge=1, le=1000)
+    guidance: float = Field(default=1.0, ge=0, le=20)  # classifier-free guidance scale; 1 = none
+    micro_batch: int = Field(default=64, ge=1, le=4096)  # fixed network batch: images never depend on n
+
+
+class EvaluateConfig(_Section):
+    n_samples: int = Field(default=1000, ge=10)
+    pca_components: int = Field(default=32, ge=2, le=64)
+    guidance_scales: list[float] = Field(default=[1.0, 2.0])  # measured besides the default
+    seed: int = Field(default=1_000_000, ge=0)
+
+
+class PipelineConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def _format_errors(err: ValidationError, root: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(root, [str(p) for p in e["loc"][:-1]])
+            msg = f"unknown key; allowed here: {', '.join(allowed)}"
+        lines.append(f"  {key}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _fields_at(root: type[BaseModel], path: list[str]) -> list[str]:
+    model: Any = root
+    for part in path:
+        model = model.model_fields[part].annotation
+    return sorted(model.model_fields)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`'train.steps=10'` -> `('train.steps', 10)`; the value is read as YAML (numbers, lists, null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.steps=500")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config (or the defaults), apply `dotted.key=value` overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, e.g. 'train:'")
+        tree = loaded
+    for item in overrides or []:
+        _set_dotted(tree, *parse_override(item))
+    return validate_config(tree)
+
+
+def validate_config(tree: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, PipelineConfig)) from None

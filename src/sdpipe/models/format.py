@@ -1,0 +1,101 @@
+"""The model directory: diffusers' own layout, loadable by vanilla diffusers, plus `sdpipe.json`.
+
+    MODEL/unet/{config.json, diffusion_pytorch_model.safetensors}
+    MODEL/scheduler/scheduler_config.json      # the default sampler, configured as the model was trained
+    MODEL/sdpipe.json                          # what diffusers has no field for (see `ModelMeta`)
+
+Only safetensors and JSON are written; nothing is ever unpickled. Later stages add `vae/` and
+`text_encoder/` subfolders the same way diffusers pipelines do, with `ModelMeta.components` naming them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.unets.unet_2d import UNet2DModel
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import save as safetensors_bytes
+
+FORMAT_VERSION = 1
+
+
+class ModelMeta(BaseModel):
+    """Contents of `sdpipe.json`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    components: list[str] = ["unet", "scheduler"]
+    class_names: list[str] | None  # None for an unconditional model
+    null_label: int | None  # index of the unconditional label (= len(class_names))
+    image_size: int
+    channels: int
+    value_range: tuple[float, float]  # pixel range of the source data; generation writes it back
+    dataset_id: str
+    weights_hash: str  # content hash of the UNet weights, as in samples.jsonl
+    config: dict[str, Any]  # the full PipelineConfig it was trained with
+    versions: dict[str, str]  # sdpipe, torch, diffusers
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    unet: UNet2DModel
+    scheduler_config: dict[str, Any]
+    meta: ModelMeta
+
+
+def weights_hash(unet: torch.nn.Module) -> str:
+    """A content hash of the weights: the same tensors give the same hash whatever the file layout."""
+    state = {k: v.detach().cpu().contiguous() for k, v in sorted(unet.state_dict().items())}
+    return "sha256:" + hashlib.sha256(safetensors_bytes(state)).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+
+    from sdpipe import __version__
+
+    return {"sdpipe": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def save_model(out: str | Path, unet: UNet2DModel, scheduler: ConfigMixin, meta: ModelMeta) -> Path:
+    """Write the model directory atomically: built in a temporary sibling, then renamed into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_config(tmp / "scheduler")  # what SchedulerMixin.save_pretrained does
+        (tmp / "sdpipe.json").write_text(meta.model_dump_json(indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load a model directory written by `save_model`; errors say which part is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    for part in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler", "sdpipe.json"):
+        if not (path / part).exists():
+            raise FileNotFoundError(f"{path} is not an sdpipe model: {part} is missing")
+    meta = ModelMeta.model_validate_json((path / "sdpipe.json").read_text())
+    unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+    unet.eval().requires_grad_(False)
+    sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return LoadedModel(path, unet, sched_cfg, meta)

@@ -1,0 +1,146 @@
+"""The whole pipeline in order: data -> check -> train -> save -> sample grid -> evaluate -> report.
+
+`train_model` is what `sdpipe train` calls and `run_demo` what `sdpipe demo` calls; each step is a function
+of its stage's package. The demo's run folder holds train metrics.jsonl and checkpoints/ as well.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdpipe.config import PipelineConfig
+from sdpipe.data import Dataset, check_dataset, load_dataset
+from sdpipe.evaluate.report import write_report
+from sdpipe.evaluate.run import evaluate_model
+from sdpipe.models import LoadedModel, ModelMeta, load_model, save_model, weights_hash
+from sdpipe.models.format import library_versions
+from sdpipe.progress import progress_bar
+from sdpipe.sampling import SampleSpec, generate, make_scheduler
+from sdpipe.sampling.files import to_pixels
+from sdpipe.train import TrainResult, noise_scheduler, train
+
+
+class DataError(ValueError):
+    """The data failed its check; the message lists every problem."""
+
+
+def sample_spec(cfg: PipelineConfig) -> SampleSpec:
+    s = cfg.sample
+    return SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)
+
+
+@dataclass
+class TrainedModel:
+    data: Dataset
+    result: TrainResult
+    model: LoadedModel  # as loaded back from disk
+    seconds: dict[str, float]
+
+
+def train_model(cfg: PipelineConfig, run_dir: str | Path, show_progress: bool = True) -> TrainedModel:
+    """Load and check the data, train, and save the model to RUN/model in the diffusers-based format."""
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    data = load_dataset(cfg.data)
+    check = check_dataset(data)
+    if not check.ok:
+        raise DataError("data check failed:\n  " + "\n  ".join(check.problems))
+    seconds = {"data": time.perf_counter() - t0}
+
+    t = time.perf_counter()
+    with progress_bar("training", cfg.train.steps, show_progress) as advance:
+        result = train(
+            cfg,
+            data,
+            run_dir,
+            progress=lambda step, row: advance(1, f"loss {row['loss']:.4f}  {row['samples_per_s']:.0f} samples/s"),
+        )
+    seconds["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sampler = make_scheduler(cfg.sample.sampler, dict(noise_scheduler(cfg).config))
+    meta = ModelMeta(
+        class_names=data.class_names,
+        null_label=len(data.class_names),
+        image_size=data.images.shape[-1],
+        channels=data.images.shape[1],
+        value_range=data.value_range,
+        dataset_id=data.dataset_id,
+        weights_hash=weights_hash(result.unet),
+        config=cfg.model_dump(mode="json"),
+        versions=library_versions(),
+    )
+    model = load_model(save_model(run_dir / "model", result.unet, sampler, meta))
+    seconds["save"] = time.perf_counter() - t
+    return TrainedModel(data, result, model, seconds)
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    metrics: dict
+
+
+def run_demo(cfg: PipelineConfig, out: str | Path, show_progress: bool = True) -> DemoResult:
+    """Train, save, sample and evaluate; writes OUT/model/, OUT/metrics.json and OUT/report.html."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    trained = train_model(cfg, out, show_progress)
+    model, data, result = trained.model, trained.data, trained.result
+    timings = dict(trained.seconds)
+
+    t = time.perf_counter()
+    grid_pixels = sample_grid_pixels(model, sample_spec(cfg), per_class=10, seed=0)
+    timings["sample_grid"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    evaluation = evaluate_model(model, data, cfg.evaluate, sample_spec(cfg), show_progress)
+    timings["evaluate"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    metrics = {
+        "model": model.meta.weights_hash,
+        "dataset_id": data.dataset_id,
+        "train": {
+            "steps": cfg.train.steps,
+            "seconds": result.seconds,
+            "samples_per_s": result.samples_per_second,
+            "final_loss": sum(r["loss"] for r in result.history[-50:]) / len(result.history[-50:]),
+        },
+        "evaluation": evaluation,
+        "timings_s": timings,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(
+        out / "report.html",
+        title=f"sdpipe demo: {cfg.data.source}",
+        metrics=metrics,
+        history=result.history,
+        grid_pixels=grid_pixels,
+        grid_rows=len(data.class_names),
+        row_names=data.class_names,
+        config=cfg.model_dump(mode="json"),
+        timings=timings,
+    )
+    return DemoResult(out, metrics)
+
+
+def sample_grid_pixels(model: LoadedModel, spec: SampleSpec, per_class: int, seed: int):
+    """`per_class` images of every class, class by class, as uint8 pixels."""
+    names = model.meta.class_names or [""]
+    labels = [c for c in range(len(names)) for _ in range(per_class)] if model.meta.class_names else None
+    n = len(names) * per_class
+    x = generate(
+        model.unet,
+        model.scheduler_config,
+        list(range(seed, seed + n)),
+        labels,
+        shape=(model.meta.channels, model.meta.image_size, model.meta.image_size),
+        null_label=model.meta.null_label,
+        spec=spec,
+    )
+    return to_pixels(x, model.meta.value_range)

@@ -1,0 +1,99 @@
+"""Write generated images as PNGs in the source's size and intensities, with `samples.jsonl` beside them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdpipe.data import to_source_range
+from sdpipe.models import LoadedModel
+from sdpipe.progress import progress_bar
+from sdpipe.sampling.generate import SampleSpec, generate
+
+
+def to_pixels(x: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
+    """Model-range images (N, C, H, W) -> uint8 (N, H, W[, C]): source value v -> round((v-lo)*255/(hi-lo))."""
+    lo, hi = value_range
+    v = to_source_range(x, value_range).numpy()
+    px = np.round((v - lo) * 255.0 / (hi - lo)).astype(np.uint8)
+    return px[:, 0] if px.shape[1] == 1 else px.transpose(0, 2, 3, 1)
+
+
+def pixels_to_source(px: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """uint8 pixels -> source intensities, the inverse of `to_pixels` up to rounding."""
+    lo, hi = value_range
+    return px.astype(np.float64) * (hi - lo) / 255.0 + lo
+
+
+def parse_labels(label: str, n: int, class_names: list[str] | None) -> list[int] | None:
+    """`'all'` cycles through every class; a class name or index repeats it; None for unconditional models."""
+    if class_names is None:
+        if label not in ("all", ""):
+            raise ValueError("this model is unconditional: it takes no --label")
+        return None
+    if label == "all":
+        return [i % len(class_names) for i in range(n)]
+    if label in class_names:
+        return [class_names.index(label)] * n
+    raise ValueError(f"unknown label {label!r}: choose one of {', '.join(class_names)} or 'all'")
+
+
+def generate_files(
+    model: LoadedModel,
+    out: str | Path,
+    *,
+    label: str,
+    n: int,
+    seed: int,
+    spec: SampleSpec,
+    batch_size: int = 1000,
+    show_progress: bool = True,
+) -> list[dict]:
+    """Generate n images with seeds seed..seed+n-1 into `out`; returns the samples.jsonl records.
+
+    `batch_size` images are held in memory and written at a time; it never changes an image, because the
+    network always runs on fixed micro-batches (see `sdpipe.sampling.generate`)."""
+    if n < 1:
+        raise ValueError("--n must be at least 1")
+    if batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    meta = model.meta
+    labels = parse_labels(label, n, meta.class_names)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    with progress_bar("generating", n, show_progress) as advance:
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            chunk_labels = None if labels is None else [labels[i] for i in idx]
+            x = generate(
+                model.unet,
+                model.scheduler_config,
+                [seed + i for i in idx],
+                chunk_labels,
+                shape=(meta.channels, meta.image_size, meta.image_size),
+                null_label=meta.null_label,
+                spec=spec,
+                progress=advance,
+            )
+            for i, px in zip(idx, to_pixels(x, meta.value_range), strict=True):
+                name = f"{i:05d}.png"
+                Image.fromarray(px).save(out / name)
+                records.append(
+                    {
+                        "file": name,
+                        "label": None if labels is None or meta.class_names is None else meta.class_names[labels[i]],
+                        "seed": seed + i,
+                        "steps": spec.steps,
+                        "sampler": spec.sampler,
+                        "guidance": spec.guidance,
+                        "model": meta.weights_hash,
+                    }
+                )
+    with (out / "samples.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return records

@@ -1,0 +1,114 @@
+"""Class-conditional generation with classifier-free guidance, reproducible image by image.
+
+Image i of a run with seed S is drawn from its own `torch.Generator` seeded with S+i (as in EDM's
+`generate.py`), so it never depends on which other images are made with it. Because a network's
+floating-point results may depend on the batch's shape and on a row's position in it, the network always
+runs on micro-batches of one fixed size, and the seed alone decides a sample's row (`seed % micro_batch`);
+unused rows are padding. Each micro-batch is denoised by its own scheduler instance. So image bits depend
+only on (model, seed, label, sampler, steps, guidance, micro_batch), never on n or on chunking.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.unets.unet_2d import UNet2DModel
+
+from sdpipe.sampling.schedulers import make_scheduler
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    guidance: float = 1.0
+    micro_batch: int = 64
+
+
+def _micro_batches(seeds: list[int], micro_batch: int) -> Iterator[list[int]]:
+    """Group seeds so each group shares `seed // micro_batch`: their rows `seed % micro_batch` differ."""
+    group: list[int] = []
+    for s in sorted(seeds):
+        if group and s // micro_batch != group[0] // micro_batch:
+            yield group
+            group = []
+        group.append(s)
+    if group:
+        yield group
+
+
+@torch.inference_mode()
+def denoise(
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    noise: torch.Tensor,
+    labels: torch.Tensor | None,
+    null_label: int | None,
+    spec: SampleSpec,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """Run one fixed-shape batch through the sampler: `noise` (B, C, H, W) -> images in [-1, 1]."""
+    sched = make_scheduler(spec.sampler, scheduler_config)
+    sched.set_timesteps(spec.steps)
+    guided = labels is not None and spec.guidance != 1.0
+    if guided and null_label is None:
+        raise ValueError("classifier-free guidance needs a class-conditional model with a null label")
+    # stochastic samplers draw their noise per row from the row's own generator
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
+    x = noise * sched.init_noise_sigma
+    class_in = None
+    if labels is not None and guided:
+        assert null_label is not None  # checked above
+        class_in = torch.cat([labels, torch.full_like(labels, null_label)])
+    elif labels is not None:
+        class_in = labels
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t)
+        if guided:
+            inp = torch.cat([inp, inp])
+        out = unet(inp, t, class_labels=class_in).sample
+        if guided:
+            cond, uncond = out.chunk(2)
+            out = uncond + spec.guidance * (cond - uncond)
+        x = sched.step(out, t, x, **step_kwargs).prev_sample
+    return x
+
+
+def generate(
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    seeds: list[int],
+    labels: list[int] | None,
+    *,
+    shape: tuple[int, int, int],
+    null_label: int | None,
+    spec: SampleSpec,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Images in [-1, 1], one per seed, in the order of `seeds`. `labels[i]` conditions `seeds[i]`."""
+    if labels is not None and len(labels) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds must be distinct: one image per seed")
+    label_of = dict(zip(seeds, labels, strict=True)) if labels is not None else None
+    device = next(unet.parameters()).device
+    m = spec.micro_batch
+    result: dict[int, torch.Tensor] = {}
+    for group in _micro_batches(seeds, m):
+        rows = {s % m: s for s in group}
+        # padding rows get a generator of their own; their content never reaches a real row
+        gens = [torch.Generator("cpu").manual_seed(rows.get(r, r)) for r in range(m)]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        lab = None
+        if label_of is not None:
+            pad = null_label if null_label is not None else 0
+            lab = torch.tensor([label_of[rows[r]] if r in rows else pad for r in range(m)], device=device)
+        x = denoise(unet, scheduler_config, noise, lab, null_label, spec, gens)
+        for r, s in rows.items():
+            result[s] = x[r].cpu()
+        if progress is not None:
+            progress(len(group))
+    return torch.stack([result[s] for s in seeds])

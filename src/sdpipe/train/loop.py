@@ -1,0 +1,161 @@
+"""The training loop: class-conditional denoising with label dropout (for classifier-free guidance,
+Ho & Salimans 2022), AdamW, warmup + cosine LR, gradient clipping and an EMA of the weights.
+
+Devices, mixed precision and multi-process wrapping come from `accelerate`. All randomness of a run
+(data order, noise, timesteps, label dropout) comes from one `torch.Generator` seeded by `train.seed`, so
+two runs of the same config on the same machine and thread count give bitwise identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.training_utils import EMAModel
+
+from sdpipe.config import PipelineConfig
+from sdpipe.data import Dataset, to_model_range
+from sdpipe.models import build_unet
+from sdpipe.sampling import training_scheduler_config
+from sdpipe.train.checkpoint import save_checkpoint
+from sdpipe.train.losses import DiffusionLoss
+
+EMA_WARMUP_POWER = 0.75  # EMA decay ramps as 1 - (1 + step)^-0.75 up to train.ema_decay (Karras et al.)
+
+
+@dataclass
+class TrainResult:
+    unet: UNet2DModel  # the EMA weights, in eval mode
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+
+
+def noise_scheduler(cfg: PipelineConfig) -> DDPMScheduler:
+    d = cfg.diffusion
+    return DDPMScheduler(**training_scheduler_config(d.prediction_type, d.beta_schedule, d.num_train_timesteps))
+
+
+class EpochSampler:
+    """Batches of indices from a fresh permutation each epoch, drawn from the run's generator."""
+
+    def __init__(self, n: int, batch_size: int, gen: torch.Generator) -> None:
+        self.n, self.batch_size, self.gen = n, batch_size, gen
+        self.order = torch.randperm(n, generator=gen)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need:
+            if self.pos == self.n:
+                self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
+            take = self.order[self.pos : self.pos + need]
+            parts.append(take)
+            self.pos += len(take)
+            need -= len(take)
+        return torch.cat(parts)
+
+
+def train(
+    cfg: PipelineConfig, data: Dataset, run_dir: str | Path, progress: Callable[[int, dict], None] | None = None
+) -> TrainResult:
+    """Train a model on `data` as `cfg` says; writes checkpoints and `metrics.jsonl` under `run_dir`."""
+    t_cfg = cfg.train
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if t_cfg.threads:
+        torch.set_num_threads(t_cfg.threads)
+    torch.manual_seed(t_cfg.seed)
+    accelerator = Accelerator()
+    gen = torch.Generator().manual_seed(t_cfg.seed)
+
+    num_classes = len(data.class_names)
+    unet = build_unet(
+        cfg.model, sample_size=data.images.shape[-1], channels=data.images.shape[1], num_classes=num_classes
+    )
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=t_cfg.learning_rate, weight_decay=t_cfg.weight_decay)
+    lr_sched = get_scheduler(
+        t_cfg.lr_schedule if t_cfg.lr_schedule == "cosine" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=t_cfg.warmup_steps,
+        num_training_steps=t_cfg.steps,
+    )
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema = EMAModel(unet.parameters(), decay=t_cfg.ema_decay, use_ema_warmup=True, power=EMA_WARMUP_POWER)
+    loss_fn = DiffusionLoss(noise_scheduler(cfg), t_cfg.min_snr_gamma)
+
+    x_all = to_model_range(data.images, data.value_range)
+    y_all = torch.as_tensor(data.labels)
+    batches = EpochSampler(len(x_all), t_cfg.batch_size, gen)
+    null_label = num_classes
+    metrics_path = run_dir / "metrics.jsonl"
+    history: list[dict] = []
+    start = time.perf_counter()
+    with metrics_path.open("w") as log:
+        for step in range(1, t_cfg.steps + 1):
+            idx = batches.next()
+            x0, y = x_all[idx].to(accelerator.device), y_all[idx].clone()
+            y[torch.rand(len(y), generator=gen) < t_cfg.label_dropout] = null_label
+            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            t = torch.randint(0, cfg.diffusion.num_train_timesteps, (len(x0),), generator=gen)
+            loss = loss_fn(unet, x0, y.to(x0.device), noise, t.to(x0.device))
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t_cfg.grad_clip)
+            optimizer.step()
+            lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(unet.parameters())
+            elapsed = time.perf_counter() - start
+            row = {
+                "step": step,
+                "loss": loss.item(),
+                "lr": lr_sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "samples_per_s": step * t_cfg.batch_size / elapsed,
+                "elapsed_s": elapsed,
+            }
+            history.append(row)
+            if accelerator.is_main_process:
+                log.write(json.dumps(row) + "\n")
+                if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
+                    _checkpoint(run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, gen, batches)
+            if progress is not None:
+                progress(step, row)
+    seconds = time.perf_counter() - start
+    final = copy.deepcopy(accelerator.unwrap_model(unet))
+    ema.copy_to(final.parameters())
+    final.eval().requires_grad_(False)
+    if not all(math.isfinite(r["loss"]) for r in history[-10:]):
+        raise FloatingPointError("training diverged: the last losses are not finite; lower train.learning_rate")
+    return TrainResult(final, history, seconds, t_cfg.steps * t_cfg.batch_size / seconds)
+
+
+def _checkpoint(
+    run_dir: Path,
+    step: int,
+    unet: UNet2DModel,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
+    gen: torch.Generator,
+    batches: EpochSampler,
+) -> None:
+    names = [n for n, _ in unet.named_parameters()]
+    save_checkpoint(
+        run_dir,
+        step,
+        model=unet.state_dict(),
+        ema=dict(zip(names, ema.shadow_params, strict=True)),
+        optimizer=optimizer.state_dict(),
+        rng={"generator": gen.get_state(), "torch": torch.get_rng_state(), "order": batches.order},
+        state={"data_position": batches.pos, "ema_optimization_step": ema.optimization_step},
+    )

@@ -1,0 +1,97 @@
+"""The CLI end to end: a shortened demo, generate, evaluate, config, help and error messages."""
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import TINY
+from sdpipe.cli import app
+
+runner = CliRunner()
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def test_help_lists_every_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("demo", "train", "generate", "evaluate", "config"):
+        assert command in result.output
+
+
+def test_short_demo_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--quiet", *_sets(TINY)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    ev = metrics["evaluation"]
+    for key in ("fd_ratio", "label_accuracy", "near_copy_share", "frechet_distance", "images_per_s"):
+        assert key in ev["default"]
+    assert [r["guidance"] for r in ev["guidance_sweep"]] == [1.0, 2.0]
+    assert 0 < ev["judge"]["classifier_cv_accuracy_on_real"] <= 1
+    assert metrics["timings_s"]["total"] > 0
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 2  # loss curve and sample grid
+    assert "fd_ratio" in report and "checkpoint_every" in report
+    assert (out / "model" / "sdpipe.json").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000000006"
+    assert "FD ratio" in result.output
+
+    gen = tmp_path / "gen"
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(out / "model"),
+            "--label",
+            "7",
+            "--n",
+            "3",
+            "--seed",
+            "5",
+            "--out",
+            str(gen),
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    recs = [json.loads(x) for x in (gen / "samples.jsonl").read_text().splitlines()]
+    assert [(r["label"], r["seed"], r["steps"], r["sampler"]) for r in recs] == [
+        ("7", s, 4, "dpmpp_2m") for s in (5, 6, 7)
+    ]
+
+    ev_out = tmp_path / "eval"
+    result = runner.invoke(
+        app, ["evaluate", "--model", str(out / "model"), "--out", str(ev_out), "--n", "20", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((ev_out / "metrics.json").read_text())["evaluation"]["default"]["n"] == 20
+
+
+def test_bad_config_fails_before_work(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "x"), "--set", "train.lr=1"])
+    assert result.exit_code == 2
+    assert "train.lr" in result.output and "learning_rate" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_generate_errors_name_the_problem(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["generate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "model directory not found" in result.output
+    result = runner.invoke(
+        app, ["generate", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--sampler", "plms"]
+    )
+    assert result.exit_code == 2 and "sample.sampler" in result.output
+    result = runner.invoke(app, ["generate", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--label", "x"])
+    assert result.exit_code == 2 and "unknown label" in result.output
+
+
+def test_config_command_prints_validated_yaml() -> None:
+    result = runner.invoke(app, ["config", "--set", "train.steps=9"])
+    assert result.exit_code == 0
+    assert "steps: 9" in result.output
