@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-slow clean
 
 $(BIN)/sdpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: setup
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src/sdpipe
 	$(BIN)/pytest -q
+
+test-slow: setup
+	$(BIN)/pytest -q -m slow -s
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

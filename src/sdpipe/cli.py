@@ -167,7 +167,7 @@ def _spec(model_config: dict, steps: int | None, sampler: str | None, guidance: 
 
 def _print_summary(metrics: dict, out: Path) -> None:
     table = Table(title=f"sdpipe results ({out})")
-    for col in ("sampler", "steps", "guidance", "FD ratio (1.0 = real)", "label accuracy", "near-copies", "images/s"):
+    for col in ("sampler", "steps", "guidance", "FD ratio", "accuracy", "copies", "img/s"):
         table.add_column(col, justify="right")
     for r in metrics["evaluation"]["guidance_sweep"]:
         table.add_row(

@@ -36,6 +36,9 @@ class ModelConfig(_Section):
     attention_levels: list[int] = Field(default=[1])  # indices into block_out_channels
     attention_head_dim: int = Field(default=32, ge=1)
     norm_num_groups: int = Field(default=16, ge=1)
+    # "scale_shift": the time/class embedding scales and shifts the normalised features (AdaGN, Dhariwal &
+    # Nichol 2021) instead of being added to them
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = "scale_shift"
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -54,20 +57,26 @@ class DiffusionConfig(_Section):
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     num_train_timesteps: int = Field(default=1000, ge=10, le=10000)
+    schedule_shift: float = Field(default=1.0, gt=0, le=64)  # SNR x shift^2 ("simple diffusion"); 1 = none
 
 
 class TrainConfig(_Section):
-    steps: int = Field(default=3000, ge=1)  # optimizer steps
-    batch_size: int = Field(default=256, ge=1)
+    steps: int = Field(default=2000, ge=1)  # optimizer steps
+    batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=2e-3, gt=0, le=1)
-    warmup_steps: int = Field(default=100, ge=0)
+    warmup_steps: int = Field(default=50, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
-    min_snr_gamma: float | None = Field(default=5.0, gt=0)  # Hang et al. 2023; None = uniform weighting
+    min_snr_gamma: float | None = Field(default=None, gt=0)  # Hang et al. 2023; None = uniform weighting
+    # which noise levels are trained: "uniform" over timesteps, or EDM's ln(sigma) ~ N(mean, std^2)
+    # (Karras et al. 2022) mapped to the nearest timestep of the schedule
+    timestep_sampling: Literal["uniform", "lognormal"] = "uniform"
+    lognormal_mean: float = -1.2
+    lognormal_std: float = Field(default=1.2, gt=0)
     ema_decay: float = Field(default=0.999, ge=0, lt=1)  # upper bound; EMA warms up to it
     label_dropout: float = Field(default=0.1, ge=0, le=1)  # share of labels replaced by the null label
-    checkpoint_every: int = Field(default=1000, ge=1)  # optimizer steps between checkpoints
+    checkpoint_every: int = Field(default=500, ge=1)  # optimizer steps between checkpoints
     seed: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = all cores
 

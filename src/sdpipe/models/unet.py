@@ -23,5 +23,6 @@ def build_unet(cfg: ModelConfig, *, sample_size: int, channels: int, num_classes
         up_block_types=up,
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
+        resnet_time_scale_shift=cfg.resnet_time_scale_shift,
         num_class_embeds=None if num_classes is None else num_classes + 1,
     )

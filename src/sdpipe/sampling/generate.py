@@ -53,6 +53,10 @@ def denoise(
     """Run one fixed-shape batch through the sampler: `noise` (B, C, H, W) -> images in [-1, 1]."""
     sched = make_scheduler(spec.sampler, scheduler_config)
     sched.set_timesteps(spec.steps)
+    if hasattr(sched, "set_begin_index"):
+        # Start at step 0 even when the first timesteps repeat (Karras sigmas on a cosine schedule map
+        # several of them to t=998); diffusers would otherwise start at index 1 and run off the end.
+        sched.set_begin_index(0)
     guided = labels is not None and spec.guidance != 1.0
     if guided and null_label is None:
         raise ValueError("classifier-free guidance needs a class-conditional model with a null label")

@@ -28,7 +28,7 @@ from sdpipe.data import Dataset, to_model_range
 from sdpipe.models import build_unet
 from sdpipe.sampling import training_scheduler_config
 from sdpipe.train.checkpoint import save_checkpoint
-from sdpipe.train.losses import DiffusionLoss
+from sdpipe.train.losses import DiffusionLoss, TimestepSampler
 
 EMA_WARMUP_POWER = 0.75  # EMA decay ramps as 1 - (1 + step)^-0.75 up to train.ema_decay (Karras et al.)
 
@@ -43,7 +43,9 @@ class TrainResult:
 
 def noise_scheduler(cfg: PipelineConfig) -> DDPMScheduler:
     d = cfg.diffusion
-    return DDPMScheduler(**training_scheduler_config(d.prediction_type, d.beta_schedule, d.num_train_timesteps))
+    return DDPMScheduler(
+        **training_scheduler_config(d.prediction_type, d.beta_schedule, d.num_train_timesteps, d.schedule_shift)
+    )
 
 
 class EpochSampler:
@@ -92,7 +94,9 @@ def train(
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema = EMAModel(unet.parameters(), decay=t_cfg.ema_decay, use_ema_warmup=True, power=EMA_WARMUP_POWER)
-    loss_fn = DiffusionLoss(noise_scheduler(cfg), t_cfg.min_snr_gamma)
+    train_sched = noise_scheduler(cfg)
+    loss_fn = DiffusionLoss(train_sched, t_cfg.min_snr_gamma)
+    timesteps = TimestepSampler(train_sched, t_cfg.timestep_sampling, t_cfg.lognormal_mean, t_cfg.lognormal_std)
 
     x_all = to_model_range(data.images, data.value_range)
     y_all = torch.as_tensor(data.labels)
@@ -107,7 +111,7 @@ def train(
             x0, y = x_all[idx].to(accelerator.device), y_all[idx].clone()
             y[torch.rand(len(y), generator=gen) < t_cfg.label_dropout] = null_label
             noise = torch.randn(x0.shape, generator=gen).to(x0)
-            t = torch.randint(0, cfg.diffusion.num_train_timesteps, (len(x0),), generator=gen)
+            t = timesteps(len(x0), gen)
             loss = loss_fn(unet, x0, y.to(x0.device), noise, t.to(x0.device))
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t_cfg.grad_clip)

@@ -9,6 +9,27 @@ from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 
+class TimestepSampler:
+    """Draws training timesteps: uniformly, or so that sigma = sqrt((1 - abar) / abar) follows EDM's
+    log-normal ln(sigma) ~ N(mean, std^2) (Karras et al. 2022, "Elucidating the Design Space...", sec. 5),
+    each draw mapped to the timestep whose sigma is nearest in log space."""
+
+    def __init__(
+        self, noise_scheduler: DDPMScheduler, kind: str = "uniform", mean: float = -1.2, std: float = 1.2
+    ) -> None:
+        alphas = noise_scheduler.alphas_cumprod.double()
+        self.log_sigmas = 0.5 * torch.log((1 - alphas) / alphas)  # increasing with t
+        self.kind, self.mean, self.std = kind, mean, std
+
+    def __call__(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self.kind == "uniform":
+            return torch.randint(0, len(self.log_sigmas), (n,), generator=generator)
+        log_sigma = self.mean + self.std * torch.randn(n, generator=generator, dtype=torch.float64)
+        idx = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
+        nearer_lower = (log_sigma - self.log_sigmas[idx - 1]) < (self.log_sigmas[idx] - log_sigma)
+        return idx - nearer_lower.long()
+
+
 class DiffusionLoss:
     """Denoising loss for the discrete-time DDPM forward process (Ho et al. 2020), with target
     epsilon, v (Salimans & Ho 2022, "Progressive Distillation") or x0, and optional min-SNR-gamma weighting
