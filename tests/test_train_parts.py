@@ -46,3 +46,32 @@ def test_two_runs_of_one_config_give_identical_weights(tmp_path, tiny_config) ->
     b = train(tiny_config, data, tmp_path / "b").unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(math.isfinite(v.abs().sum().item()) for v in a.values())
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    from sdpipe.train.checkpoint import save_checkpoint
+
+    w = {"w": torch.ones(2)}
+    opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 0.1}]}
+    for step in (1, 2, 3, 4):
+        save_checkpoint(
+            tmp_path,
+            step,
+            model=w,
+            ema=w,
+            optimizer=opt,
+            rng={"g": torch.zeros(3, dtype=torch.uint8)},
+            state={},
+            keep=2,
+        )
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
+        "latest",
+        "step_000000003",
+        "step_000000004",
+    ]
+    assert (root / "latest").read_text().strip() == "step_000000004"
+    assert torch.equal(load_file(str(root / "step_000000004" / "optimizer.safetensors"))["0.exp_avg"], torch.zeros(2))
+    assert not list(root.glob(".tmp_*"))

@@ -74,7 +74,8 @@ class TrainConfig(_Section):
     timestep_sampling: Literal["uniform", "lognormal"] = "uniform"
     lognormal_mean: float = -1.2
     lognormal_std: float = Field(default=1.2, gt=0)
-    ema_decay: float = Field(default=0.999, ge=0, lt=1)  # upper bound; EMA warms up to it
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)  # upper bound of the EMA decay
+    ema_warmup_power: float = Field(default=0.5, gt=0, le=1)  # decay ramps as 1 - (1 + step)^-power
     label_dropout: float = Field(default=0.1, ge=0, le=1)  # share of labels replaced by the null label
     checkpoint_every: int = Field(default=500, ge=1)  # optimizer steps between checkpoints
     seed: int = Field(default=0, ge=0)

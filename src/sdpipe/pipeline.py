@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from sdpipe.config import PipelineConfig
 from sdpipe.data import Dataset, check_dataset, load_dataset
 from sdpipe.evaluate.report import write_report
@@ -129,7 +131,7 @@ def run_demo(cfg: PipelineConfig, out: str | Path, show_progress: bool = True) -
     return DemoResult(out, metrics)
 
 
-def sample_grid_pixels(model: LoadedModel, spec: SampleSpec, per_class: int, seed: int):
+def sample_grid_pixels(model: LoadedModel, spec: SampleSpec, per_class: int, seed: int) -> np.ndarray:
     """`per_class` images of every class, class by class, as uint8 pixels."""
     names = model.meta.class_names or [""]
     labels = [c for c in range(len(names)) for _ in range(per_class)] if model.meta.class_names else None

@@ -43,6 +43,8 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = 3,
 ) -> Path:
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:09d}"
@@ -59,6 +61,7 @@ def save_checkpoint(
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p != final)[: -keep or None] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    older = sorted(p for p in root.glob("step_*") if p != final)  # zero-padded names sort by step
+    for stale in older[: max(len(older) - (keep - 1), 0)]:  # keep the newest `keep`, this one included
+        shutil.rmtree(stale, ignore_errors=True)
     return final

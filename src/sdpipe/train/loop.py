@@ -30,8 +30,6 @@ from sdpipe.sampling import training_scheduler_config
 from sdpipe.train.checkpoint import save_checkpoint
 from sdpipe.train.losses import DiffusionLoss, TimestepSampler
 
-EMA_WARMUP_POWER = 0.75  # EMA decay ramps as 1 - (1 + step)^-0.75 up to train.ema_decay (Karras et al.)
-
 
 @dataclass
 class TrainResult:
@@ -93,7 +91,7 @@ def train(
         num_training_steps=t_cfg.steps,
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    ema = EMAModel(unet.parameters(), decay=t_cfg.ema_decay, use_ema_warmup=True, power=EMA_WARMUP_POWER)
+    ema = EMAModel(unet.parameters(), decay=t_cfg.ema_decay, use_ema_warmup=True, power=t_cfg.ema_warmup_power)
     train_sched = noise_scheduler(cfg)
     loss_fn = DiffusionLoss(train_sched, t_cfg.min_snr_gamma)
     timesteps = TimestepSampler(train_sched, t_cfg.timestep_sampling, t_cfg.lognormal_mean, t_cfg.lognormal_std)
