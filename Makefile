@@ -19,8 +19,8 @@ demo: setup
 	$(BIN)/sdpipe demo --out runs/demo
 
 test: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy src/sdpipe
 	$(BIN)/pytest -q
 

@@ -78,3 +78,27 @@ def test_bad_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
         _gen(tiny_model_dir, [0], [0], SampleSpec("plms", 2, 1.0, 8))
     with pytest.raises(ValueError, match="distinct"):
         _gen(tiny_model_dir, [0, 0], [0, 0], spec)
+
+
+def test_png_carries_parameters_and_replays_bitwise(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sdpipe.cli import app
+    from sdpipe.sampling.files import read_png_params
+
+    m = load_model(tiny_model_dir)
+    spec = SampleSpec("ddpm", 4, 2.0, micro_batch=8)  # stochastic sampler and guidance: the hard case
+    generate_files(m, tmp_path / "a", label="all", n=6, seed=40, spec=spec, show_progress=False)
+    original = tmp_path / "a" / "00005.png"
+    with Image.open(original) as im:
+        assert "Steps: 4, Sampler: ddpm, CFG scale: 2.0, Seed: 45" in im.text["parameters"]
+    params = read_png_params(original)
+    assert params["model_hash"] == m.meta.weights_hash and params["label"] == "5" and params["micro_batch"] == 8
+
+    result = CliRunner().invoke(app, ["replay", str(original), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "r" / "00000.png")), np.asarray(Image.open(original)))
+
+    Image.new("L", (8, 8)).save(tmp_path / "plain.png")
+    result = CliRunner().invoke(app, ["replay", str(tmp_path / "plain.png"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no sdpipe generation parameters" in result.output

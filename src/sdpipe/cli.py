@@ -91,6 +91,22 @@ def generate(
 
 
 @app.command()
+def replay(
+    image: Annotated[Path, typer.Argument(help="A PNG written by sdpipe generate.")],
+    out: Annotated[Path, typer.Option(help="Folder for the regenerated image.")],
+    model: Annotated[Path | None, typer.Option(help="Model directory, if it moved since the image was made.")] = None,
+) -> None:
+    """Regenerate an image bit for bit from the generation parameters stored in its PNG."""
+    from sdpipe.sampling.files import replay as replay_image
+
+    try:
+        path = replay_image(image, out, model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    out_console.print(f"regenerated {image} as {path}")
+
+
+@app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, metrics.jsonl, model/.")],
     config: ConfigOpt = None,

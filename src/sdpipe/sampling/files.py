@@ -1,4 +1,9 @@
-"""Write generated images as PNGs in the source's size and intensities, with `samples.jsonl` beside them."""
+"""Write generated images as PNGs in the source's size and intensities, with `samples.jsonl` beside them.
+
+Every PNG carries its generation parameters in two text chunks: `parameters`, a human-readable line in the
+style the Stable Diffusion web UIs write, and `sdpipe`, JSON with everything `replay` needs to regenerate
+the image bit for bit (model hash and path, seed, label, sampler, steps, guidance, micro-batch, version).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
+from sdpipe import __version__
 from sdpipe.data import to_source_range
-from sdpipe.models import LoadedModel
+from sdpipe.models import LoadedModel, load_model
 from sdpipe.progress import progress_bar
 from sdpipe.sampling.generate import SampleSpec, generate
 
@@ -82,18 +88,68 @@ def generate_files(
             )
             for i, px in zip(idx, to_pixels(x, meta.value_range), strict=True):
                 name = f"{i:05d}.png"
-                Image.fromarray(px).save(out / name)
-                records.append(
-                    {
-                        "file": name,
-                        "label": None if labels is None or meta.class_names is None else meta.class_names[labels[i]],
-                        "seed": seed + i,
-                        "steps": spec.steps,
-                        "sampler": spec.sampler,
-                        "guidance": spec.guidance,
-                        "model": meta.weights_hash,
-                    }
-                )
+                record = {
+                    "file": name,
+                    "label": None if labels is None or meta.class_names is None else meta.class_names[labels[i]],
+                    "seed": seed + i,
+                    "steps": spec.steps,
+                    "sampler": spec.sampler,
+                    "guidance": spec.guidance,
+                    "model": meta.weights_hash,
+                }
+                Image.fromarray(px).save(out / name, pnginfo=png_info(record, model, spec))
+                records.append(record)
     with (out / "samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return records
+
+
+def png_info(record: dict, model: LoadedModel, spec: SampleSpec) -> PngImagePlugin.PngInfo:
+    """The `parameters` (web-UI style) and `sdpipe` (JSON) text chunks for one generated image."""
+    size = model.meta.image_size
+    params = (
+        f"label: {record['label']}\n"
+        f"Steps: {spec.steps}, Sampler: {spec.sampler}, CFG scale: {spec.guidance}, Seed: {record['seed']}, "
+        f"Size: {size}x{size}, Model hash: {record['model']}, Model: {model.path.name}, Version: sdpipe {__version__}"
+    )
+    exact = {
+        "model_hash": record["model"],
+        "model_path": str(model.path.resolve()),
+        "seed": record["seed"],
+        "label": record["label"],
+        "sampler": spec.sampler,
+        "steps": spec.steps,
+        "guidance": spec.guidance,
+        "micro_batch": spec.micro_batch,
+        "sdpipe_version": __version__,
+    }
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", params)
+    info.add_text("sdpipe", json.dumps(exact))
+    return info
+
+
+def read_png_params(path: str | Path) -> dict:
+    """The `sdpipe` JSON chunk of a PNG written by `generate_files`; a clear error for any other PNG."""
+    with Image.open(path) as im:
+        text = dict(getattr(im, "text", {}))
+    if "sdpipe" not in text:
+        raise ValueError(f"{path} has no sdpipe generation parameters (was it written by `sdpipe generate`?)")
+    return json.loads(text["sdpipe"])
+
+
+def replay(png: str | Path, out: str | Path, model_path: str | Path | None = None) -> Path:
+    """Regenerate the image `png` from the parameters it carries, into `out`; returns the new file.
+
+    The model is the one the PNG names (or `model_path`); its weights must hash to the recorded value."""
+    p = read_png_params(png)
+    model = load_model(model_path or p["model_path"])
+    if model.meta.weights_hash != p["model_hash"]:
+        raise ValueError(
+            f"model {model.path} has weights {model.meta.weights_hash}, the image was made with "
+            f"{p['model_hash']}: pass the right model with --model"
+        )
+    spec = SampleSpec(p["sampler"], p["steps"], p["guidance"], p["micro_batch"])
+    label = "all" if p["label"] is None else p["label"]
+    generate_files(model, out, label=label, n=1, seed=p["seed"], spec=spec, show_progress=False)
+    return Path(out) / "00000.png"
