@@ -111,16 +111,21 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, metrics.jsonl, model/.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from OUT's last checkpoint, ending with the uninterrupted run's weights.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a model from a config and save it to OUT/model."""
+    """Train a model from a config and save it to OUT/model (checkpoints in OUT/checkpoints)."""
     from sdpipe.pipeline import DataError, train_model
 
     cfg = _config(config, set_)
     try:
-        trained = train_model(cfg, out, show_progress=not quiet)
+        trained = train_model(cfg, out, show_progress=not quiet, resume=resume)
     except DataError as exc:
         raise _fail(str(exc), 1) from None
+    except ValueError as exc:  # e.g. resuming with other settings than the run's
+        raise _fail(str(exc)) from None
     out_console.print(f"model saved to {trained.model.path}")
 
 

@@ -42,8 +42,11 @@ class TrainedModel:
     seconds: dict[str, float]
 
 
-def train_model(cfg: PipelineConfig, run_dir: str | Path, show_progress: bool = True) -> TrainedModel:
-    """Load and check the data, train, and save the model to RUN/model in the diffusers-based format."""
+def train_model(
+    cfg: PipelineConfig, run_dir: str | Path, show_progress: bool = True, resume: bool = False
+) -> TrainedModel:
+    """Load and check the data, train (or, with `resume`, continue from RUN's last checkpoint), and save the
+    model to RUN/model in the diffusers-based format."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     data = load_dataset(cfg.data)
@@ -59,6 +62,7 @@ def train_model(cfg: PipelineConfig, run_dir: str | Path, show_progress: bool = 
             data,
             run_dir,
             progress=lambda step, row: advance(1, f"loss {row['loss']:.4f}  {row['samples_per_s']:.0f} samples/s"),
+            resume=resume,
         )
     seconds["train"] = time.perf_counter() - t
 

@@ -13,11 +13,12 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -47,6 +48,8 @@ def save_checkpoint(
         raise ValueError("keep must be at least 1")
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp_*"):  # half-written by a run that was killed; never pointed to
+        shutil.rmtree(leftover, ignore_errors=True)
     final = root / f"step_{step:09d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=root))
     opt_tensors, opt_rest = _flatten_optimizer(optimizer)
@@ -65,3 +68,45 @@ def save_checkpoint(
     for stale in older[: max(len(older) - (keep - 1), 0)]:  # keep the newest `keep`, this one included
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # in the form of torch's Optimizer.state_dict()
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]  # the rest of state.json
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The last complete checkpoint of a run, or None when it has none."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    state = json.loads((path / "state.json").read_text())
+    opt_rest = state.pop("optimizer")
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, tensor in load_file(str(path / "optimizer.safetensors")).items():
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = tensor
+    for idx, entry in opt_rest["state"].items():
+        opt_state.setdefault(int(idx), {}).update(entry)
+    return Checkpoint(
+        step=state.pop("step"),
+        path=path,
+        model=load_file(str(path / "model.safetensors")),
+        ema=load_file(str(path / "ema.safetensors")),
+        optimizer={"state": opt_state, "param_groups": opt_rest["param_groups"]},
+        rng=load_file(str(path / "rng.safetensors")),
+        state=state,
+    )

@@ -27,7 +27,7 @@ from sdpipe.config import PipelineConfig
 from sdpipe.data import Dataset, to_model_range
 from sdpipe.models import build_unet
 from sdpipe.sampling import training_scheduler_config
-from sdpipe.train.checkpoint import save_checkpoint
+from sdpipe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sdpipe.train.losses import DiffusionLoss, TimestepSampler
 
 
@@ -67,9 +67,17 @@ class EpochSampler:
 
 
 def train(
-    cfg: PipelineConfig, data: Dataset, run_dir: str | Path, progress: Callable[[int, dict], None] | None = None
+    cfg: PipelineConfig,
+    data: Dataset,
+    run_dir: str | Path,
+    progress: Callable[[int, dict], None] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train a model on `data` as `cfg` says; writes checkpoints and `metrics.jsonl` under `run_dir`."""
+    """Train a model on `data` as `cfg` says; writes checkpoints and `metrics.jsonl` under `run_dir`.
+
+    With `resume`, training continues from the run's last complete checkpoint (if it has one) with every
+    state restored, so it ends with the weights an uninterrupted run would have had (same machine and
+    thread count)."""
     t_cfg = cfg.train
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,11 +108,31 @@ def train(
     y_all = torch.as_tensor(data.labels)
     batches = EpochSampler(len(x_all), t_cfg.batch_size, gen)
     null_label = num_classes
+    config = cfg.model_dump(mode="json")
     metrics_path = run_dir / "metrics.jsonl"
     history: list[dict] = []
+    first_step = 1
+    found = latest_checkpoint(run_dir) if resume else None
+    if found is not None:
+        ck = load_checkpoint(found)
+        _check_same_config(ck.state.get("config", {}), config, found)
+        accelerator.unwrap_model(unet).load_state_dict(ck.model)
+        names = [n for n, _ in accelerator.unwrap_model(unet).named_parameters()]
+        ema.shadow_params = [ck.ema[n].clone() for n in names]
+        ema.optimization_step = ck.state["ema_optimization_step"]
+        optimizer.load_state_dict(ck.optimizer)
+        lr_sched.load_state_dict(ck.state["lr_scheduler"])
+        gen.set_state(ck.rng["generator"])
+        torch.set_rng_state(ck.rng["torch"])
+        batches.order, batches.pos = ck.rng["order"], ck.state["data_position"]
+        first_step = ck.step + 1
+        if metrics_path.exists():  # keep the rows up to the checkpoint, drop those of the lost steps
+            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            history = [r for r in rows if r["step"] <= ck.step]
     start = time.perf_counter()
     with metrics_path.open("w") as log:
-        for step in range(1, t_cfg.steps + 1):
+        log.writelines(json.dumps(r) + "\n" for r in history)
+        for step in range(first_step, t_cfg.steps + 1):
             idx = batches.next()
             x0, y = x_all[idx].to(accelerator.device), y_all[idx].clone()
             y[torch.rand(len(y), generator=gen) < t_cfg.label_dropout] = null_label
@@ -123,14 +151,17 @@ def train(
                 "loss": loss.item(),
                 "lr": lr_sched.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
-                "samples_per_s": step * t_cfg.batch_size / elapsed,
+                "samples_per_s": (step - first_step + 1) * t_cfg.batch_size / elapsed,
                 "elapsed_s": elapsed,
             }
             history.append(row)
             if accelerator.is_main_process:
                 log.write(json.dumps(row) + "\n")
                 if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
-                    _checkpoint(run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, gen, batches)
+                    log.flush()
+                    _checkpoint(
+                        run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches, config
+                    )
             if progress is not None:
                 progress(step, row)
     seconds = time.perf_counter() - start
@@ -139,7 +170,29 @@ def train(
     final.eval().requires_grad_(False)
     if not all(math.isfinite(r["loss"]) for r in history[-10:]):
         raise FloatingPointError("training diverged: the last losses are not finite; lower train.learning_rate")
-    return TrainResult(final, history, seconds, t_cfg.steps * t_cfg.batch_size / seconds)
+    trained = (t_cfg.steps - first_step + 1) * t_cfg.batch_size
+    return TrainResult(final, history, seconds, trained / seconds if seconds > 0 else 0.0)
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return out
+
+
+def _check_same_config(saved: dict, current: dict, where: Path) -> None:
+    """Resuming with other settings would not give the run's weights: name what differs and stop."""
+    differ = _differences(saved, current)
+    if differ:
+        raise ValueError(
+            f"cannot resume from {where}: settings differ: {', '.join(differ)}; "
+            "resume with the run's own config or start a new run"
+        )
 
 
 def _checkpoint(
@@ -148,8 +201,10 @@ def _checkpoint(
     unet: UNet2DModel,
     ema: EMAModel,
     optimizer: torch.optim.Optimizer,
+    lr_sched: torch.optim.lr_scheduler.LRScheduler,
     gen: torch.Generator,
     batches: EpochSampler,
+    config: dict,
 ) -> None:
     names = [n for n, _ in unet.named_parameters()]
     save_checkpoint(
@@ -159,5 +214,10 @@ def _checkpoint(
         ema=dict(zip(names, ema.shadow_params, strict=True)),
         optimizer=optimizer.state_dict(),
         rng={"generator": gen.get_state(), "torch": torch.get_rng_state(), "order": batches.order},
-        state={"data_position": batches.pos, "ema_optimization_step": ema.optimization_step},
+        state={
+            "data_position": batches.pos,
+            "ema_optimization_step": ema.optimization_step,
+            "lr_scheduler": lr_sched.state_dict(),
+            "config": config,
+        },
     )
