@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/sdpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# the CPU build of torch first, so the open `torch>=2.4` range installs nothing more
+# the CPU build of torch first, so the open `torch>=2.4` range installs nothing more
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
