@@ -35,7 +35,8 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     assert metrics["timings_s"]["total"] > 0
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 2  # loss curve and sample grid
-    assert "fd_ratio" in report and "checkpoint_every" in report
+    assert "fd_ratio" in report and "checkpoint_every" in report and "Training events" in report
+    assert metrics["train"]["events"] == []
     assert (out / "model" / "sdpipe.json").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000000006"

@@ -78,6 +78,12 @@ class TrainConfig(_Section):
     ema_warmup_power: float = Field(default=0.5, gt=0, le=1)  # decay ramps as 1 - (1 + step)^-power
     label_dropout: float = Field(default=0.1, ge=0, le=1)  # share of labels replaced by the null label
     checkpoint_every: int = Field(default=500, ge=1)  # optimizer steps between checkpoints
+    keep_checkpoints: int = Field(default=3, ge=1)  # the newest K are kept
+    # NaN/Inf policy: a non-finite loss or gradient skips the step; after max_bad_steps in a row the run rolls
+    # back to the last checkpoint and multiplies the learning rate by rollback_lr_factor, at most max_rollbacks times
+    max_bad_steps: int = Field(default=5, ge=1)
+    rollback_lr_factor: float = Field(default=0.5, gt=0, le=1)
+    max_rollbacks: int = Field(default=3, ge=0)
     seed: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = all cores
 

@@ -116,6 +116,7 @@ def run_demo(cfg: PipelineConfig, out: str | Path, show_progress: bool = True) -
             "seconds": result.seconds,
             "samples_per_s": result.samples_per_second,
             "final_loss": sum(r["loss"] for r in result.history[-50:]) / len(result.history[-50:]),
+            "events": result.events,
         },
         "evaluation": evaluation,
         "timings_s": timings,

@@ -77,6 +77,7 @@ def write_report(
     timings: dict[str, float],
 ) -> Path:
     ev = metrics["evaluation"]
+    events = metrics.get("train", {}).get("events", [])  # non-finite steps skipped, rollbacks
     keys = ["sampler", "steps", "guidance", "fd_ratio", "label_accuracy", "near_copy_share", "images_per_s"]
     judge = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in ev["judge"].items())
     per_class = ev["default"].get("label_accuracy_per_class", {})
@@ -89,6 +90,8 @@ def write_report(
         "<h3>Accuracy per class</h3>",
         _table([per_class], list(per_class)) if per_class else "",
         f"<h3>How it was judged</h3><ul>{judge}</ul>",
+        "<h2>Training events</h2>",
+        _table(events, ["step", "event", "consecutive", "to_step", "lr_scale"]) if events else "<p>none</p>",
         "<h2>Training loss</h2>",
         f'<img alt="loss curve" src="{loss_curve(history)}">',
         "<h2>Samples</h2>",

@@ -23,12 +23,15 @@ from diffusers.optimization import get_scheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
-from sdpipe.config import PipelineConfig
+from sdpipe.config import PipelineConfig, TrainConfig
 from sdpipe.data import Dataset, to_model_range
 from sdpipe.models import build_unet
 from sdpipe.sampling import training_scheduler_config
-from sdpipe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sdpipe.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from sdpipe.train.losses import DiffusionLoss, TimestepSampler
+
+# Test hook, not a user setting: called with each step number; True makes that step's loss NaN.
+NONFINITE_HOOK: Callable[[int], bool] | None = None
 
 
 @dataclass
@@ -37,6 +40,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     samples_per_second: float = 0.0
+    events: list[dict] = field(default_factory=list)  # skipped non-finite steps, rollbacks
 
 
 def noise_scheduler(cfg: PipelineConfig) -> DDPMScheduler:
@@ -116,31 +120,45 @@ def train(
     if found is not None:
         ck = load_checkpoint(found)
         _check_same_config(ck.state.get("config", {}), config, found)
-        accelerator.unwrap_model(unet).load_state_dict(ck.model)
-        names = [n for n, _ in accelerator.unwrap_model(unet).named_parameters()]
-        ema.shadow_params = [ck.ema[n].clone() for n in names]
-        ema.optimization_step = ck.state["ema_optimization_step"]
-        optimizer.load_state_dict(ck.optimizer)
-        lr_sched.load_state_dict(ck.state["lr_scheduler"])
-        gen.set_state(ck.rng["generator"])
-        torch.set_rng_state(ck.rng["torch"])
-        batches.order, batches.pos = ck.rng["order"], ck.state["data_position"]
-        first_step = ck.step + 1
+        first_step = _restore(ck, accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches) + 1
         if metrics_path.exists():  # keep the rows up to the checkpoint, drop those of the lost steps
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            history = [r for r in rows if r["step"] <= ck.step]
+            history = [r for r in rows if r["step"] <= ck.step and "event" not in r]
+    events: list[dict] = []
+    bad_in_a_row = 0
     start = time.perf_counter()
     with metrics_path.open("w") as log:
         log.writelines(json.dumps(r) + "\n" for r in history)
-        for step in range(first_step, t_cfg.steps + 1):
+        step = first_step
+        while step <= t_cfg.steps:
             idx = batches.next()
             x0, y = x_all[idx].to(accelerator.device), y_all[idx].clone()
             y[torch.rand(len(y), generator=gen) < t_cfg.label_dropout] = null_label
             noise = torch.randn(x0.shape, generator=gen).to(x0)
             t = timesteps(len(x0), gen)
             loss = loss_fn(unet, x0, y.to(x0.device), noise, t.to(x0.device))
+            if NONFINITE_HOOK is not None and NONFINITE_HOOK(step):
+                loss = loss * float("nan")
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t_cfg.grad_clip)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                # NaN/Inf policy: skip the step (it is not counted as an optimizer step); after
+                # train.max_bad_steps in a row, roll back to the last checkpoint with a lower learning rate
+                optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row += 1
+                event = {"step": step, "event": "nonfinite_step_skipped", "consecutive": bad_in_a_row}
+                if bad_in_a_row >= t_cfg.max_bad_steps:
+                    step = _roll_back(
+                        run_dir, t_cfg, events, accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches
+                    )
+                    history = [r for r in history if r["step"] < step]
+                    bad_in_a_row = 0
+                    event = events[-1]
+                else:
+                    events.append(event)
+                log.write(json.dumps(event) + "\n")
+                continue
+            bad_in_a_row = 0
             optimizer.step()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
@@ -164,6 +182,7 @@ def train(
                     )
             if progress is not None:
                 progress(step, row)
+            step += 1
     seconds = time.perf_counter() - start
     final = copy.deepcopy(accelerator.unwrap_model(unet))
     ema.copy_to(final.parameters())
@@ -171,7 +190,60 @@ def train(
     if not all(math.isfinite(r["loss"]) for r in history[-10:]):
         raise FloatingPointError("training diverged: the last losses are not finite; lower train.learning_rate")
     trained = (t_cfg.steps - first_step + 1) * t_cfg.batch_size
-    return TrainResult(final, history, seconds, trained / seconds if seconds > 0 else 0.0)
+    return TrainResult(final, history, seconds, trained / seconds if seconds > 0 else 0.0, events)
+
+
+def _restore(
+    ck: Checkpoint,
+    unet: UNet2DModel,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
+    lr_sched: torch.optim.lr_scheduler.LambdaLR,
+    gen: torch.Generator,
+    batches: EpochSampler,
+) -> int:
+    """Put every piece of training state back as the checkpoint holds it; returns its step."""
+    unet.load_state_dict(ck.model)
+    ema.shadow_params = [ck.ema[n].clone() for n, _ in unet.named_parameters()]
+    ema.optimization_step = ck.state["ema_optimization_step"]
+    optimizer.load_state_dict(ck.optimizer)
+    lr_sched.load_state_dict(ck.state["lr_scheduler"])
+    gen.set_state(ck.rng["generator"])
+    torch.set_rng_state(ck.rng["torch"])
+    batches.order, batches.pos = ck.rng["order"], ck.state["data_position"]
+    return ck.step
+
+
+def _roll_back(
+    run_dir: Path,
+    t_cfg: TrainConfig,
+    events: list[dict],
+    unet: UNet2DModel,
+    ema: EMAModel,
+    optimizer: torch.optim.Optimizer,
+    lr_sched: torch.optim.lr_scheduler.LambdaLR,
+    gen: torch.Generator,
+    batches: EpochSampler,
+) -> int:
+    """Restore the last good checkpoint and scale the learning rate by train.rollback_lr_factor; returns
+    the step to continue from. Gives up with a clear error when there is nothing (left) to roll back to."""
+    rollbacks = sum(e["event"] == "rollback" for e in events)
+    path = latest_checkpoint(run_dir)
+    if path is None or rollbacks >= t_cfg.max_rollbacks:
+        why = "no checkpoint to roll back to" if path is None else f"{rollbacks} rollbacks did not help"
+        raise FloatingPointError(
+            f"training diverged: {t_cfg.max_bad_steps} non-finite steps in a row and {why}; "
+            "lower train.learning_rate or checkpoint more often (train.checkpoint_every)"
+        )
+    ck = load_checkpoint(path)
+    step = _restore(ck, unet, ema, optimizer, lr_sched, gen, batches)
+    lr_sched.base_lrs = [lr * t_cfg.rollback_lr_factor for lr in lr_sched.base_lrs]
+    for group, base, factor in zip(optimizer.param_groups, lr_sched.base_lrs, lr_sched.lr_lambdas, strict=True):
+        group["lr"] = base * factor(lr_sched.last_epoch)
+    events.append(
+        {"step": step, "event": "rollback", "to_step": step, "lr_scale": lr_sched.base_lrs[0] / t_cfg.learning_rate}
+    )
+    return step + 1
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -201,7 +273,7 @@ def _checkpoint(
     unet: UNet2DModel,
     ema: EMAModel,
     optimizer: torch.optim.Optimizer,
-    lr_sched: torch.optim.lr_scheduler.LRScheduler,
+    lr_sched: torch.optim.lr_scheduler.LambdaLR,
     gen: torch.Generator,
     batches: EpochSampler,
     config: dict,
@@ -220,4 +292,5 @@ def _checkpoint(
             "lr_scheduler": lr_sched.state_dict(),
             "config": config,
         },
+        keep=config["train"]["keep_checkpoints"],
     )
