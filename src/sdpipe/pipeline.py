@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from accelerate import PartialState
 
 from sdpipe.config import PipelineConfig
 from sdpipe.data import Dataset, check_dataset, load_dataset
@@ -79,7 +80,11 @@ def train_model(
         config=cfg.model_dump(mode="json"),
         versions=library_versions(),
     )
-    model = load_model(save_model(run_dir / "model", result.unet, sampler, meta))
+    processes = PartialState()  # set up by the training loop's Accelerator; one process unless launched
+    if processes.is_main_process:
+        save_model(run_dir / "model", result.unet, sampler, meta)
+    processes.wait_for_everyone()
+    model = load_model(run_dir / "model")  # everything after this uses the model exactly as saved
     seconds["save"] = time.perf_counter() - t
     return TrainedModel(data, result, model, seconds)
 

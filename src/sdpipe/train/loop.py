@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,7 +89,12 @@ def train(
     if t_cfg.threads:
         torch.set_num_threads(t_cfg.threads)
     torch.manual_seed(t_cfg.seed)
-    accelerator = Accelerator()
+    # On a machine without CUDA, cpu=True lets accelerate run several CPU processes (torchrun, accelerate
+    # launch) over gloo; with CUDA it places each process on its GPU.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if t_cfg.batch_size % world:
+        raise ValueError(f"train.batch_size {t_cfg.batch_size} must be divisible by the {world} processes")
     gen = torch.Generator().manual_seed(t_cfg.seed)
 
     num_classes = len(data.class_names)
@@ -127,7 +133,8 @@ def train(
     events: list[dict] = []
     bad_in_a_row = 0
     start = time.perf_counter()
-    with metrics_path.open("w") as log:
+    # only the main process writes files; the others log to nowhere
+    with metrics_path.open("w") if accelerator.is_main_process else open(os.devnull, "w") as log:
         log.writelines(json.dumps(r) + "\n" for r in history)
         step = first_step
         while step <= t_cfg.steps:
@@ -136,11 +143,15 @@ def train(
             y[torch.rand(len(y), generator=gen) < t_cfg.label_dropout] = null_label
             noise = torch.randn(x0.shape, generator=gen).to(x0)
             t = timesteps(len(x0), gen)
+            # every process draws the same global batch and trains on its own slice of it, so N processes
+            # train the model one process would (gradients are averaged over equal slices)
+            x0, y, noise, t = (v[rank::world] for v in (x0, y, noise, t))
             loss = loss_fn(unet, x0, y.to(x0.device), noise, t.to(x0.device))
             if NONFINITE_HOOK is not None and NONFINITE_HOOK(step):
                 loss = loss * float("nan")
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t_cfg.grad_clip)
+            loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's loss, the same on every process
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 # NaN/Inf policy: skip the step (it is not counted as an optimizer step); after
                 # train.max_bad_steps in a row, roll back to the last checkpoint with a lower learning rate
@@ -180,6 +191,8 @@ def train(
                     _checkpoint(
                         run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches, config
                     )
+            if step % t_cfg.checkpoint_every == 0:
+                accelerator.wait_for_everyone()  # no process rolls back to a checkpoint still being written
             if progress is not None:
                 progress(step, row)
             step += 1
