@@ -61,7 +61,7 @@ class DiffusionConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(default=1700, ge=1)  # optimizer steps
+    steps: int = Field(default=1500, ge=1)  # optimizer steps
     batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=2e-3, gt=0, le=1)
     warmup_steps: int = Field(default=50, ge=0)
