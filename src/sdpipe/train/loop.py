@@ -122,11 +122,12 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     history: list[dict] = []
     first_step = 1
+    state = _TrainState(accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches)
     found = latest_checkpoint(run_dir) if resume else None
     if found is not None:
         ck = load_checkpoint(found)
         _check_same_config(ck.state.get("config", {}), config, found)
-        first_step = _restore(ck, accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches) + 1
+        first_step = state.restore(ck) + 1
         if metrics_path.exists():  # keep the rows up to the checkpoint, drop those of the lost steps
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             history = [r for r in rows if r["step"] <= ck.step and "event" not in r]
@@ -159,9 +160,7 @@ def train(
                 bad_in_a_row += 1
                 event = {"step": step, "event": "nonfinite_step_skipped", "consecutive": bad_in_a_row}
                 if bad_in_a_row >= t_cfg.max_bad_steps:
-                    step = _roll_back(
-                        run_dir, t_cfg, events, accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches
-                    )
+                    step = _roll_back(run_dir, t_cfg, events, state)
                     history = [r for r in history if r["step"] < step]
                     bad_in_a_row = 0
                     event = events[-1]
@@ -188,9 +187,7 @@ def train(
                 log.write(json.dumps(row) + "\n")
                 if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
                     log.flush()
-                    _checkpoint(
-                        run_dir, step, accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches, config
-                    )
+                    state.save(run_dir, step, config)
             if step % t_cfg.checkpoint_every == 0:
                 accelerator.wait_for_everyone()  # no process rolls back to a checkpoint still being written
             if progress is not None:
@@ -206,38 +203,49 @@ def train(
     return TrainResult(final, history, seconds, trained / seconds if seconds > 0 else 0.0, events)
 
 
-def _restore(
-    ck: Checkpoint,
-    unet: UNet2DModel,
-    ema: EMAModel,
-    optimizer: torch.optim.Optimizer,
-    lr_sched: torch.optim.lr_scheduler.LambdaLR,
-    gen: torch.Generator,
-    batches: EpochSampler,
-) -> int:
-    """Put every piece of training state back as the checkpoint holds it; returns its step."""
-    unet.load_state_dict(ck.model)
-    ema.shadow_params = [ck.ema[n].clone() for n, _ in unet.named_parameters()]
-    ema.optimization_step = ck.state["ema_optimization_step"]
-    optimizer.load_state_dict(ck.optimizer)
-    lr_sched.load_state_dict(ck.state["lr_scheduler"])
-    gen.set_state(ck.rng["generator"])
-    torch.set_rng_state(ck.rng["torch"])
-    batches.order, batches.pos = ck.rng["order"], ck.state["data_position"]
-    return ck.step
+@dataclass
+class _TrainState:
+    """Everything a checkpoint holds about a run in progress (besides its config)."""
+
+    unet: UNet2DModel  # unwrapped from any DDP wrapper
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LambdaLR
+    gen: torch.Generator
+    batches: EpochSampler
+
+    def save(self, run_dir: Path, step: int, config: dict) -> None:
+        names = [n for n, _ in self.unet.named_parameters()]
+        save_checkpoint(
+            run_dir,
+            step,
+            model=self.unet.state_dict(),
+            ema=dict(zip(names, self.ema.shadow_params, strict=True)),
+            optimizer=self.optimizer.state_dict(),
+            rng={"generator": self.gen.get_state(), "torch": torch.get_rng_state(), "order": self.batches.order},
+            state={
+                "data_position": self.batches.pos,
+                "ema_optimization_step": self.ema.optimization_step,
+                "lr_scheduler": self.lr_sched.state_dict(),
+                "config": config,
+            },
+            keep=config["train"]["keep_checkpoints"],
+        )
+
+    def restore(self, ck: Checkpoint) -> int:
+        """Put every piece of training state back as the checkpoint holds it; returns its step."""
+        self.unet.load_state_dict(ck.model)
+        self.ema.shadow_params = [ck.ema[n].clone() for n, _ in self.unet.named_parameters()]
+        self.ema.optimization_step = ck.state["ema_optimization_step"]
+        self.optimizer.load_state_dict(ck.optimizer)
+        self.lr_sched.load_state_dict(ck.state["lr_scheduler"])
+        self.gen.set_state(ck.rng["generator"])
+        torch.set_rng_state(ck.rng["torch"])
+        self.batches.order, self.batches.pos = ck.rng["order"], ck.state["data_position"]
+        return ck.step
 
 
-def _roll_back(
-    run_dir: Path,
-    t_cfg: TrainConfig,
-    events: list[dict],
-    unet: UNet2DModel,
-    ema: EMAModel,
-    optimizer: torch.optim.Optimizer,
-    lr_sched: torch.optim.lr_scheduler.LambdaLR,
-    gen: torch.Generator,
-    batches: EpochSampler,
-) -> int:
+def _roll_back(run_dir: Path, t_cfg: TrainConfig, events: list[dict], state: _TrainState) -> int:
     """Restore the last good checkpoint and scale the learning rate by train.rollback_lr_factor; returns
     the step to continue from. Gives up with a clear error when there is nothing (left) to roll back to."""
     rollbacks = sum(e["event"] == "rollback" for e in events)
@@ -248,10 +256,10 @@ def _roll_back(
             f"training diverged: {t_cfg.max_bad_steps} non-finite steps in a row and {why}; "
             "lower train.learning_rate or checkpoint more often (train.checkpoint_every)"
         )
-    ck = load_checkpoint(path)
-    step = _restore(ck, unet, ema, optimizer, lr_sched, gen, batches)
+    step = state.restore(load_checkpoint(path))
+    lr_sched = state.lr_sched
     lr_sched.base_lrs = [lr * t_cfg.rollback_lr_factor for lr in lr_sched.base_lrs]
-    for group, base, factor in zip(optimizer.param_groups, lr_sched.base_lrs, lr_sched.lr_lambdas, strict=True):
+    for group, base, factor in zip(state.optimizer.param_groups, lr_sched.base_lrs, lr_sched.lr_lambdas, strict=True):
         group["lr"] = base * factor(lr_sched.last_epoch)
     events.append(
         {"step": step, "event": "rollback", "to_step": step, "lr_scale": lr_sched.base_lrs[0] / t_cfg.learning_rate}
@@ -278,32 +286,3 @@ def _check_same_config(saved: dict, current: dict, where: Path) -> None:
             f"cannot resume from {where}: settings differ: {', '.join(differ)}; "
             "resume with the run's own config or start a new run"
         )
-
-
-def _checkpoint(
-    run_dir: Path,
-    step: int,
-    unet: UNet2DModel,
-    ema: EMAModel,
-    optimizer: torch.optim.Optimizer,
-    lr_sched: torch.optim.lr_scheduler.LambdaLR,
-    gen: torch.Generator,
-    batches: EpochSampler,
-    config: dict,
-) -> None:
-    names = [n for n, _ in unet.named_parameters()]
-    save_checkpoint(
-        run_dir,
-        step,
-        model=unet.state_dict(),
-        ema=dict(zip(names, ema.shadow_params, strict=True)),
-        optimizer=optimizer.state_dict(),
-        rng={"generator": gen.get_state(), "torch": torch.get_rng_state(), "order": batches.order},
-        state={
-            "data_position": batches.pos,
-            "ema_optimization_step": ema.optimization_step,
-            "lr_scheduler": lr_sched.state_dict(),
-            "config": config,
-        },
-        keep=config["train"]["keep_checkpoints"],
-    )
