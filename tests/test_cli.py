@@ -90,6 +90,8 @@ def test_generate_errors_name_the_problem(tiny_model_dir: Path, tmp_path: Path) 
     assert result.exit_code == 2 and "sample.sampler" in result.output
     result = runner.invoke(app, ["generate", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--label", "x"])
     assert result.exit_code == 2 and "unknown label" in result.output
+    result = runner.invoke(app, ["evaluate", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--n", "5"])
+    assert result.exit_code == 2 and "evaluate.n_samples" in result.output
 
 
 def test_config_command_prints_validated_yaml() -> None:

@@ -141,9 +141,11 @@ def evaluate(
     from sdpipe.evaluate.run import evaluate_model
 
     loaded = _load(model)
-    cfg = PipelineConfig.model_validate(loaded.meta.config)
-    if n is not None:
-        cfg.evaluate.n_samples = n
+    overrides = {"evaluate": {**loaded.meta.config["evaluate"], "n_samples": n}} if n is not None else {}
+    try:  # the model's own settings, with --n checked like any other setting
+        cfg = validate_config({**loaded.meta.config, **overrides})
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
     data = load_dataset(cfg.data)
     if data.dataset_id != loaded.meta.dataset_id:
         err_console.print(
