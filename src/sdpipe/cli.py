@@ -210,6 +210,11 @@ def _print_summary(metrics: dict, out: Path) -> None:
     )
 
 
+# Command groups defined in their stage's package, one line each (e.g. `app.add_typer(data_app, name="data")`).
+# --- stage commands: begin ---
+# --- stage commands: end ---
+
+
 def main() -> None:
     app()
 
