@@ -1,0 +1,235 @@
+"""`sdpipe registry ...`: register model versions, move aliases, roll back, and read the log.
+
+Every command takes `--registry-url` (env `SDPIPE_REGISTRY_URL`; default a SQLite file under
+`$SDPIPE_HOME/registry`) and `--store` (env `SDPIPE_REGISTRY_STORE`), and `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sdpipe.registry.names import RegistryError
+
+if TYPE_CHECKING:
+    from sdpipe.registry.core import Registry
+    from sdpipe.registry.records import AliasMove, Version
+
+app = typer.Typer(
+    help="Model registry: immutable numbered versions with lineage, aliases (e.g. production), rollback, a log.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console(soft_wrap=True)  # long paths and hashes stay on one line
+err_console = Console(stderr=True, soft_wrap=True)
+
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--registry-url",
+        envvar="SDPIPE_REGISTRY_URL",
+        help="SQLAlchemy URL of the registry database, e.g. postgresql+psycopg://host/db "
+        "(default: sqlite file $SDPIPE_HOME/registry/registry.db, SDPIPE_HOME defaulting to ~/.sdpipe).",
+        show_default=False,
+    ),
+]
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--store",
+        envvar="SDPIPE_REGISTRY_STORE",
+        help="Folder holding the stored model files (default: store/ beside a SQLite database, "
+        "else $SDPIPE_HOME/registry/store).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+NameArg = Annotated[str, typer.Argument(help="Model name: lowercase letters, digits, '.', '_', '-'.")]
+AliasArg = Annotated[str, typer.Argument(help="Alias, e.g. production or staging.")]
+RefArg = Annotated[str, typer.Argument(help="NAME (latest version), NAME@ALIAS or NAME:VERSION.")]
+
+
+def _open(url: str | None, store: Path | None) -> Registry:
+    from sdpipe.registry.core import Registry
+
+    try:
+        return Registry(url, store)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+@app.command()
+def register(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (as written by sdpipe train or demo).")],
+    name: Annotated[str, typer.Option(help="Model name: lowercase letters, digits, '.', '_', '-'.")],
+    metrics: Annotated[
+        Path | None,
+        typer.Option(help="Metrics JSON to record (default: metrics.json beside MODEL_DIR, if there)."),
+    ] = None,
+    registry_url: UrlOpt = None,
+    store: StoreOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Copy MODEL_DIR into the registry as the next version of NAME (same weights: the existing version)."""
+    reg = _open(registry_url, store)
+    try:
+        version = reg.register(model_dir, name, metrics=metrics)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    if json_:
+        return _json(version.to_dict())
+    state = "registered" if version.created else "already registered (same weights) as"
+    out_console.print(f"{state} {version.ref}  {version.weights_hash}  {version.path}", highlight=False)
+
+
+@app.command()
+def alias(
+    name: NameArg,
+    alias: AliasArg,
+    version: Annotated[int, typer.Argument(help="Version number the alias should point at.")],
+    registry_url: UrlOpt = None,
+    store: StoreOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Point NAME@ALIAS at VERSION (creating the alias if needed); the move is logged."""
+    reg = _open(registry_url, store)
+    try:
+        move = reg.alias(name, alias, version)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    _print_move(move, json_)
+
+
+@app.command()
+def rollback(
+    name: NameArg,
+    alias: AliasArg,
+    registry_url: UrlOpt = None,
+    store: StoreOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Move NAME@ALIAS back to the version it pointed to before (again to go further back)."""
+    reg = _open(registry_url, store)
+    try:
+        move = reg.rollback(name, alias)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    _print_move(move, json_)
+
+
+@app.command("list")
+def list_models(registry_url: UrlOpt = None, store: StoreOpt = None, json_: JsonOpt = False) -> None:
+    """List the registered models with their versions and aliases."""
+    models = _open(registry_url, store).list()
+    if json_:
+        return _json([m.to_dict() for m in models])
+    if not models:
+        out_console.print("no models registered yet (sdpipe registry register MODEL_DIR --name NAME)")
+        return
+    table = Table()
+    for col in ("name", "versions", "latest", "aliases"):
+        table.add_column(col)
+    for m in models:
+        table.add_row(m.name, str(m.versions), str(m.latest), ", ".join(f"{a}→{v}" for a, v in m.aliases.items()))
+    out_console.print(table)
+
+
+@app.command()
+def show(ref: RefArg, registry_url: UrlOpt = None, store: StoreOpt = None, json_: JsonOpt = False) -> None:
+    """Show one version: where it is stored, its hashes, aliases and lineage."""
+    from sdpipe.registry.names import parse_ref
+
+    reg = _open(registry_url, store)
+    try:
+        version = reg.show(parse_ref(ref))
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    if json_:
+        return _json(version.to_dict())
+    _print_version(version)
+
+
+@app.command()
+def history(
+    name: Annotated[str | None, typer.Argument(help="Model name (default: every model).")] = None,
+    registry_url: UrlOpt = None,
+    store: StoreOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """The append-only log of every register, alias and rollback, with time and user, oldest first."""
+    reg = _open(registry_url, store)
+    try:
+        found = reg.history(name)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    if json_:
+        return _json([e.to_dict() for e in found])
+    table = Table()
+    for col in ("time", "user", "action", "model", "version", "before"):
+        table.add_column(col)
+    for e in found:
+        model = e.name if e.alias is None else f"{e.name}@{e.alias}"
+        action = e.action + (" (existing)" if e.detail.get("existing") else "")
+        before = "" if e.previous is None else str(e.previous)
+        table.add_row(e.time[:19].replace("T", " "), e.user, action, model, str(e.version), before)
+    out_console.print(table)
+
+
+@app.command()
+def verify(ref: RefArg, registry_url: UrlOpt = None, store: StoreOpt = None) -> None:
+    """Check that a stored version is unchanged: its files' content hash and its weights hash."""
+    from sdpipe.registry.names import parse_ref
+
+    reg = _open(registry_url, store)
+    try:
+        version = reg.verify(parse_ref(ref))
+        reg.load(version.ref)
+    except RegistryError as exc:
+        raise _fail(str(exc), 1) from None
+    out_console.print(f"{version.ref} is intact: {version.content_hash}, weights {version.weights_hash}")
+
+
+def _print_move(move: AliasMove, as_json: bool) -> None:
+    if as_json:
+        return _json(move.to_dict())
+    if not move.changed:
+        out_console.print(f"{move.name}@{move.alias} already points at version {move.version}")
+        return
+    before = "" if move.previous is None else f" (was {move.previous})"
+    out_console.print(f"{move.name}@{move.alias} -> version {move.version}{before}", highlight=False)
+
+
+def _print_version(v: Version) -> None:
+    lineage = v.lineage
+    metrics = lineage.get("metrics")
+    keys = ", ".join(metrics) if isinstance(metrics, dict) else type(metrics).__name__
+    rows = {
+        "version": v.ref,
+        "aliases": ", ".join(v.aliases) or "-",
+        "path": str(v.path),
+        "weights hash": v.weights_hash,
+        "content hash": v.content_hash,
+        "dataset": v.dataset_id,
+        "registered": f"{v.created_at} by {v.user}",
+        "source": lineage.get("source") or "-",
+        "git commit": lineage.get("git_commit") or "-",
+        "libraries": ", ".join(f"{k} {val}" for k, val in (lineage.get("versions") or {}).items()),
+        "metrics": "-" if metrics is None else f"{lineage.get('metrics_file')} ({keys})",
+    }
+    for key, value in rows.items():
+        out_console.print(f"[bold]{key:>13}[/]  {value}", highlight=False)

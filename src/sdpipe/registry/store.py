@@ -1,0 +1,64 @@
+"""The store: read-only copies of registered model directories, placed so a crash never leaves half a version.
+
+A version is copied into `STORE/.incoming/<random>/` first and renamed to `STORE/NAME/VERSION/` only inside
+the database transaction that records it (see `Registry.register`), so readers, who go through the
+database, only ever see complete directories. Files are then made read-only (0444, folders 0555) and their
+content hash is recorded, which `Registry.verify` recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+STALE_S = 24 * 3600  # an incoming copy this old was left by a killed process
+
+
+def content_hash(directory: Path) -> str:
+    """sha256 over every file's relative path, size and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(directory).as_posix()}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def stage_copy(model_dir: Path, store: Path) -> Path:
+    """Copy `model_dir` into a new temporary folder under `STORE/.incoming`; the caller moves or removes it."""
+    incoming = store / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    for leftover in incoming.iterdir():
+        if time.time() - leftover.stat().st_mtime > STALE_S:
+            remove_tree(leftover)
+    tmp = Path(tempfile.mkdtemp(prefix="v-", dir=incoming))
+    try:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)  # symlinks are followed: the store holds real files
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    return tmp
+
+
+def make_readonly(directory: Path) -> None:
+    """Files 0444 and folders 0555, deepest first (a read-only folder's entries can no longer be changed)."""
+    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    directory.chmod(0o555)
+
+
+def remove_tree(directory: Path) -> None:
+    """Remove a folder even if it was made read-only; a missing folder is fine."""
+    if not directory.exists():
+        return
+    for root, dirs, _ in os.walk(directory):
+        for d in dirs:
+            Path(root, d).chmod(stat.S_IRWXU)
+    directory.chmod(stat.S_IRWXU)
+    shutil.rmtree(directory)
