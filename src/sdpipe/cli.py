@@ -212,6 +212,9 @@ def _print_summary(metrics: dict, out: Path) -> None:
 
 # Command groups defined in their stage's package, one line each (e.g. `app.add_typer(data_app, name="data")`).
 # --- stage commands: begin ---
+from sdpipe.data.cli import app as data_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
 from sdpipe.registry.cli import app as registry_app  # noqa: E402
 
 app.add_typer(registry_app, name="registry")

@@ -25,7 +25,34 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["digits"] = "digits"  # the embedded sklearn digits (1797 8x8 images, 10 classes)
+    """Where the data comes from, how it is checked and split, and how images are prepared for the model.
+
+    `source: digits` is sklearn's embedded digits; every other source is a `path` that `sdpipe data validate`
+    checked into `validated_dir` (manifest.parquet, report.json), which training reads. See docs/data.md."""
+
+    # digits = sklearn's 1797 8x8 images; folder = images under a folder (recursively); hf = a `datasets`
+    # dataset saved with save_to_disk; parquet = Parquet file(s) with an image column; webdataset = .tar
+    # shards; arrays = .npz/.npy images (N,H,W[,C]) with an optional labels array
+    source: Literal["digits", "folder", "hf", "parquet", "webdataset", "arrays"] = "digits"
+    path: str | None = None  # the file or folder of the source (not for digits)
+    validated_dir: str | None = None  # the --out folder of `sdpipe data validate` that training reads
+    labels: Literal["auto", "folder", "none"] = "auto"  # folder: first-level subfolder names are classes
+    image_column: str | None = None  # hf/parquet: None = the first image (or binary) column
+    label_column: str | None = None  # hf/parquet: None = "label" if present
+    caption_column: str | None = None  # hf/parquet/metadata.jsonl: None = "text" or "caption" if present
+    images_key: str | None = None  # arrays (.npz): None = "images", "x" or the first 3-/4-D array
+    labels_key: str | None = None  # arrays (.npz): None = "labels" or "y" if present
+    min_size: int = Field(default=8, ge=1)  # images with a side below this are quarantined
+    max_pixels: int = Field(default=64_000_000, ge=1)  # larger claimed sizes are decompression bombs
+    validation_fraction: float = Field(default=0.0, ge=0, le=1)  # by content hash (sdpipe.data.splits)
+    near_duplicate_bits: int = Field(default=3, ge=0, le=3)  # max Hamming distance of 64-bit perceptual hashes
+    workers: int | None = Field(default=None, ge=1)  # validate's decode threads; None = one per core
+    # preprocessing, recorded in the model so generated images go back to the source's range
+    resolution: int | None = Field(default=None, ge=1)  # shorter side resized to this, then cropped square
+    resize_filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = "bicubic"
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False  # horizontal flip with probability 1/2 (drawn from the training generator)
+    channels: Literal["auto", "grayscale", "rgb"] = "auto"  # auto: grayscale if every image is, else RGB
 
 
 class ModelConfig(_Section):

@@ -1,0 +1,178 @@
+"""An image folder, walked recursively in a fixed (sorted) order, one `Item` per file seen.
+
+Layout, as in Hugging Face's imagefolder: class labels are the first-level subfolder names (or, when the
+first level is made of split folders `train/`, `validation/` (`val/`, `valid/`), `test/`, the second level);
+captions come from a same-name `.txt` beside an image or from a `metadata.jsonl` (`file_name` plus `text` or
+`caption`, optionally `label` and `split`). Hidden files, sidecars and other files are skipped with a reason;
+broken symlinks, symlink loops and non-UTF-8 names are quarantined before reading. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdpipe.data.readers import IMAGE_EXTENSIONS
+from sdpipe.data.sources import Item
+
+SPLIT_FOLDERS = {
+    "train": "train",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "test": "test",
+}
+METADATA = "metadata.jsonl"
+
+
+@dataclass
+class FolderLayout:
+    split_level: bool  # the first level is split folders
+    class_names: list[str] | None  # None: no labels
+
+
+def folder_layout(root: Path, labels: str) -> FolderLayout:
+    """Decide from the top of the tree whether there are split folders and class folders."""
+    first = _subfolders(root)
+    split_level = bool(first) and all(name in SPLIT_FOLDERS for name in first)
+    parents = [root / name for name in first] if split_level else [root]
+    if labels == "none":
+        return FolderLayout(split_level, None)
+    names = sorted({c for p in parents for c in _subfolders(p)})
+    loose = any(_has_images(p) for p in parents)
+    use = labels == "folder" or (names and not loose)
+    return FolderLayout(split_level, names if use else None)
+
+
+def _subfolders(path: Path) -> list[str]:
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return []
+    return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+
+
+def _has_images(path: Path) -> bool:
+    try:
+        return any(e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS for e in os.scandir(path))
+    except OSError:
+        return False
+
+
+def walk_folder(root: Path, labels: str, caption_column: str | None) -> tuple[FolderLayout, Iterator[Item]]:
+    layout = folder_layout(root, labels)
+    return layout, _items(root, layout, caption_column)
+
+
+def _items(root: Path, layout: FolderLayout, caption_column: str | None) -> Iterator[Item]:
+    metadata: dict[str, dict] = {}  # absolute image path -> its metadata.jsonl row
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        here = Path(dirpath)
+        for name in list(dirnames):
+            if (here / name).is_symlink():
+                dirnames.remove(name)
+                yield Item(path=_show(here / name), skip="symlink to a folder: not followed")
+        names = sorted(filenames)
+        if METADATA in names:
+            metadata.update(_read_metadata(here / METADATA))
+        stems = {Path(n).stem for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS}
+        for name in names:
+            yield _item(root, here / name, layout, stems, metadata, caption_column)
+
+
+def _show(path: Path) -> str:
+    """A printable path, even for names that are not valid UTF-8."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _item(
+    root: Path, path: Path, layout: FolderLayout, stems: set[str], metadata: dict[str, dict], caption_col: str | None
+) -> Item:
+    shown = _show(path)
+    rel = path.relative_to(root)
+    if shown != str(path):
+        return Item(path=shown, problem="file name is not valid UTF-8: rename it (manifests and reports need text)")
+    if any(part.startswith(".") for part in rel.parts):
+        return Item(path=shown, skip="hidden file" if rel.name.startswith(".") else "inside a hidden folder")
+    suffix = path.suffix.lower()
+    if path.name == METADATA:
+        return Item(path=shown, skip="metadata file (captions, labels)")
+    if suffix not in IMAGE_EXTENSIONS:
+        if suffix == ".txt" and path.stem in stems:
+            return Item(path=shown, skip="caption sidecar of an image")
+        return Item(path=shown, skip=f"not an image file ({suffix or 'no extension'})")
+    problem = _link_problem(path)
+    if problem:
+        return Item(path=shown, problem=problem)
+    meta = metadata.get(str(path), {})
+    split, label, skip = _place(rel, layout, meta)
+    if skip:
+        return Item(path=shown, skip=skip)
+    return Item(path=shown, file=str(path), label=label, caption=_caption(path, meta, stems, caption_col), split=split)
+
+
+def _link_problem(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"broken symlink -> {os.readlink(path)}" if path.is_symlink() else "file vanished while reading"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"cannot stat ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (device, pipe or socket)"
+    return None
+
+
+def _place(rel: Path, layout: FolderLayout, meta: dict) -> tuple[str | None, int | None, str | None]:
+    """(split, label, reason to skip) of an image from its place in the tree and its metadata."""
+    parts = rel.parts[:-1]
+    split = None
+    if layout.split_level:
+        split, parts = SPLIT_FOLDERS[parts[0]], parts[1:]
+    split = meta.get("split", split)
+    if layout.class_names is None:
+        return split, None, None
+    name = str(meta["label"]) if "label" in meta else (parts[0] if parts else None)
+    if name is None:
+        return split, None, "not inside a class folder (data.labels=folder)"
+    if name not in layout.class_names:
+        return split, None, f"label {name!r} from metadata.jsonl is not a class folder"
+    return split, layout.class_names.index(name), None
+
+
+def _caption(path: Path, meta: dict, stems: set[str], caption_col: str | None) -> str | None:
+    for key in [caption_col] if caption_col else ["text", "caption"]:
+        if key in meta:
+            return str(meta[key])
+    sidecar = path.with_suffix(".txt")
+    if path.stem in stems and sidecar.is_file():
+        try:
+            return sidecar.read_bytes().decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+    return None
+
+
+def _read_metadata(path: Path) -> dict[str, dict]:
+    """imagefolder's metadata.jsonl: one JSON object a line with `file_name` relative to its folder."""
+    rows: dict[str, dict] = {}
+    try:
+        lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("file_name"), str):
+            rows[str(path.parent / row["file_name"])] = row
+    return rows

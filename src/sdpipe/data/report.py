@@ -1,0 +1,80 @@
+"""The validation report: DIR/report.json (everything), DIR/report.html and a rich summary (the same, readable)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from sdpipe.data.manifest import REPORT
+
+SHOW = 20  # rows of each list on the terminal
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    (out / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (out / "report.html").write_text(_html(report))
+
+
+def _counts_line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['files_seen']} seen = {r['accepted']} accepted + {len(r['quarantined'])} quarantined "
+        f"+ {len(r['skipped'])} skipped"
+    )
+
+
+def print_summary(r: dict[str, Any], console: Console, out: Path) -> None:
+    console.print(f"[bold]{r['source']}[/] ({r['kind']}): {_counts_line(r)}", highlight=False)
+    console.print(
+        f"dataset_id {r['dataset_id']}  splits {r['split_counts']}  {len(r['converted'])} converted, "
+        f"{len(r['duplicate_groups'])} duplicate groups, {len(r['leaks'])} leaks, "
+        f"{len(r['near_duplicate_groups'])} near-duplicate groups  ({r['files_per_s']:.0f} files/s)",
+        highlight=False,
+    )
+    if r["class_counts"]:
+        console.print("classes: " + ", ".join(f"{k} {v}" for k, v in r["class_counts"].items()), highlight=False)
+    for title, rows, key in (("quarantined", r["quarantined"], "reason"), ("skipped", r["skipped"], "reason")):
+        if rows:
+            table = Table(title=f"{title} ({len(rows)})", title_justify="left")
+            table.add_column("path", overflow="fold")
+            table.add_column(key, overflow="fold")
+            for row in rows[:SHOW]:
+                table.add_row(row["path"], row[key])
+            if len(rows) > SHOW:
+                table.add_row(f"... {len(rows) - SHOW} more in report.json", "")
+            console.print(table)
+    console.print(f"manifest: {out / 'manifest.parquet'}  report: {out / 'report.html'}", highlight=False)
+
+
+def _list(title: str, rows: list[Any], render: Any) -> str:
+    if not rows:
+        return f"<h2>{title} (0)</h2>"
+    items = "".join(f"<li>{render(r)}</li>" for r in rows[:1000])
+    more = f"<p>... {len(rows) - 1000} more in report.json</p>" if len(rows) > 1000 else ""
+    return f"<h2>{title} ({len(rows)})</h2><ul>{items}</ul>{more}"
+
+
+def _html(r: dict[str, Any]) -> str:
+    e = html.escape
+    reason = lambda x: f"<code>{e(x['path'])}</code>: {e(x['reason'])}"  # noqa: E731
+    group = lambda g: ", ".join(f"<code>{e(p)}</code>" for p in g)  # noqa: E731
+    sections = [
+        f"<h1>Data validation: {e(r['source'])} ({e(r['kind'])})</h1>",
+        f"<p>{e(_counts_line(r))}</p>",
+        f"<p>dataset_id <code>{e(r['dataset_id'])}</code>; splits {e(json.dumps(r['split_counts']))}; "
+        f"{r['files_per_s']:.0f} files/s</p>",
+        f"<p>classes: {e(json.dumps(r['class_counts']))}</p>",
+        _list("Quarantined", r["quarantined"], reason),
+        _list("Skipped", r["skipped"], reason),
+        _list("Converted", r["converted"], lambda x: f"<code>{e(x['path'])}</code>: {e('; '.join(x['notes']))}"),
+        _list("Duplicate groups (identical pixels)", r["duplicate_groups"], group),
+        _list("Leaks (same pixels in two splits)", r["leaks"], lambda x: group([x["path"], x["same_as"]])),
+        _list("Near-duplicate groups", r["near_duplicate_groups"], group),
+        f"<h2>Image modes</h2><p>{e(json.dumps(r['modes']))}</p><h2>Sizes</h2><p>{e(json.dumps(r['sizes']))}</p>",
+    ]
+    style = "body{font-family:sans-serif;max-width:70em;margin:2em auto}code{font-size:90%}"
+    return f"<!doctype html><meta charset='utf-8'><title>sdpipe data</title><style>{style}</style>{''.join(sections)}\n"
