@@ -38,3 +38,85 @@ def test_extremes_and_bad_input() -> None:
         assign_split(h[0], 1.5)
     with pytest.raises(ValueError, match="not a hex"):
         assign_split("zz-not-hex", 0.5)
+
+
+# --- splits, duplicates and leaks in a validated folder ------------------------------------------------------
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _splits_by_content(out) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    return {r["pixel_sha256"]: r["split"] for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+
+
+def test_hash_splits_are_stable_when_files_are_renamed_or_added(tmp_path) -> None:
+    from sdpipe.config import DataConfig
+    from sdpipe.data.validate import validate
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(60):
+        (src / f"{i:03d}.png").write_bytes(_png(i))
+    cfg = DataConfig(source="folder", validation_fraction=0.3)
+    first = validate(str(src), tmp_path / "a", cfg)
+    before = _splits_by_content(tmp_path / "a")
+    assert 5 < first["split_counts"]["validation"] < 35
+    for i in range(0, 60, 3):
+        (src / f"{i:03d}.png").rename(src / f"renamed_{i}.png")
+    for i in range(60, 90):
+        (src / f"{i:03d}.png").write_bytes(_png(i))
+    validate(str(src), tmp_path / "b", cfg)
+    after = _splits_by_content(tmp_path / "b")
+    assert len(after) == 90
+    assert {h: after[h] for h in before} == before
+    assert validate(str(src), tmp_path / "c", cfg)["dataset_id"] != first["dataset_id"]
+
+
+def test_duplicates_kept_once_and_leaks_removed_from_validation(tmp_path) -> None:
+    from sdpipe.config import DataConfig
+    from sdpipe.data.validate import validate
+
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (src / split / cls).mkdir(parents=True)
+    for i in range(4):
+        (src / "train" / "a" / f"{i}.png").write_bytes(_png(i))
+        (src / "val" / "b" / f"{i}.png").write_bytes(_png(100 + i))
+    (src / "train" / "b" / "copy_of_a0.png").write_bytes(_png(0))  # duplicate inside train
+    (src / "val" / "a" / "leaked.png").write_bytes(_png(2))  # train content in validation
+    report = validate(str(src), tmp_path / "out", DataConfig(source="folder"))
+    assert report["class_names"] == ["a", "b"]
+    assert report["split_counts"] == {"train": 4, "validation": 4}
+    assert report["duplicate_groups"] == [[str(src / "train/a/0.png"), str(src / "train/b/copy_of_a0.png")]]
+    (leak,) = report["leaks"]
+    assert leak["path"] == str(src / "val/a/leaked.png") and leak["split"] == "validation"
+    assert leak["same_as"] == str(src / "train/a/2.png") and leak["same_as_split"] == "train"
+    reasons = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert reasons[leak["path"]].startswith("leak:")
+    assert report["files_seen"] == 10 and report["accepted"] == 8
+
+
+def test_near_duplicates_are_grouped() -> None:
+    import numpy as np
+
+    from sdpipe.data.duplicates import near_duplicate_groups
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, 200, dtype=np.int64).astype(np.uint64)
+    close = base[:3] ^ np.uint64(0b101)  # 2 bits away from the first three
+    far = base[3:4] ^ np.uint64(0xF0F0)  # 8 bits away from the fourth
+    groups, unchecked = near_duplicate_groups(np.concatenate([base, close, far]), max_bits=3)
+    assert sorted(groups) == [[0, 200], [1, 201], [2, 202]] and unchecked == 0
+    assert near_duplicate_groups(np.concatenate([base, close]), max_bits=1)[0] == []

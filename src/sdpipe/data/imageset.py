@@ -1,0 +1,193 @@
+"""Training data as a map-style set: `open_split(cfg, split)` -> `ImageSet`, whose `batch(indices, gen)`
+reads, preprocesses and scales just those samples.
+
+Sources other than digits are read lazily from the validated manifest (only the rows' locators are held,
+in Arrow columns); each file's bytes are checked against the sha256 recorded at validation, so a file that
+changed since is an error, never silently different data. Digits are held in memory. Random crops and
+flips are drawn only from the `gen` passed in (one seed per sample), so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdpipe.config import DataConfig
+from sdpipe.data.digits import load_dataset, to_model_range
+from sdpipe.data.manifest import MANIFEST, REPORT
+from sdpipe.data.preprocess import Preprocess
+from sdpipe.data.readers import array_pixels, decode_image
+from sdpipe.data.sources import load_arrays, read_tar_member
+from sdpipe.data.splits import assign_split
+from sdpipe.data.versioning import SourceChangedError
+
+
+class ImageSet:
+    """`len(s)` samples of one split; `s.batch(indices, gen)` -> (images (B, C, H, W) in [-1, 1], labels (B,)).
+
+    Unlabelled data has `class_names` None and labels all 0."""
+
+    def __init__(
+        self,
+        reader: Any,
+        labels: np.ndarray,
+        class_names: list[str] | None,
+        value_range: tuple[float, float],
+        dataset_id: str,
+        preprocess: Preprocess,
+        stored_size: tuple[int, int],
+        workers: int = 1,
+    ) -> None:
+        self._reader, self._labels = reader, labels
+        self.class_names, self.value_range, self.dataset_id = class_names, value_range, dataset_id
+        self.preprocess = preprocess
+        h, w = preprocess.output_size(*stored_size)
+        self.image_shape = (preprocess.channels, h, w)
+        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def batch(
+        self, indices: torch.Tensor, gen: torch.Generator, select: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `indices`, preprocessed and scaled to [-1, 1], with their labels.
+
+        Draws one seed per sample from `gen` (only when cropping or flipping at random), then decodes only
+        `indices[select]` (e.g. one process's slice) with the same draws as the whole batch would use."""
+        idx = [int(i) for i in indices]
+        seeds = torch.randint(0, 2**62, (len(idx),), generator=gen).tolist() if self.preprocess.is_random else None
+        chosen = range(len(idx))[select] if select is not None else range(len(idx))
+        jobs = [(idx[j], seeds[j] if seeds else None) for j in chosen]
+        pixels = list(self._pool.map(self._one, jobs) if self._pool else map(self._one, jobs))
+        if not pixels:
+            return torch.zeros((0, *self.image_shape)), torch.zeros(0, dtype=torch.int64)
+        x = to_model_range(np.stack(pixels), self.value_range)
+        y = torch.as_tensor(self._labels[[idx[j] for j in chosen]], dtype=torch.int64)
+        return x, y
+
+    def _one(self, job: tuple[int, int | None]) -> np.ndarray:
+        i, seed = job
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        return self.preprocess(self._reader(i), gen)
+
+    def metadata(self) -> dict[str, Any]:
+        """What a model trained on this set records: data identity, range and preprocessing."""
+        return {
+            "dataset_id": self.dataset_id,
+            "value_range": list(self.value_range),
+            "image_shape": list(self.image_shape),
+            "class_names": self.class_names,
+            "preprocess": self.preprocess.as_dict(),
+        }
+
+
+def _preprocess(cfg: DataConfig, native_channels: int) -> Preprocess:
+    channels = {"grayscale": 1, "rgb": 3}.get(cfg.channels, native_channels)
+    return Preprocess(channels, cfg.resolution, cfg.resize_filter, cfg.crop, cfg.random_flip)
+
+
+def open_split(cfg: DataConfig, split: str = "train") -> ImageSet:
+    """The samples of `split` ("train", "validation", "test") of the configured source, ready to batch."""
+    if cfg.source == "digits":
+        return _digits_split(cfg, split)
+    if not cfg.validated_dir:
+        raise ValueError(
+            f"data.source={cfg.source} is read from its validated manifest: run "
+            f"`sdpipe data validate {cfg.path or 'SOURCE'} --out DIR` and set data.validated_dir=DIR"
+        )
+    return _manifest_split(cfg, Path(cfg.validated_dir), split)
+
+
+def _digits_split(cfg: DataConfig, split: str) -> ImageSet:
+    from sdpipe.data.validate import pixel_digest
+
+    data = load_dataset(cfg)
+    images = data.images[:, 0].astype(np.uint8)  # integer values 0..16
+    keep = [i for i, im in enumerate(images) if assign_split(pixel_digest(im), cfg.validation_fraction) == split]
+    images, labels = images[keep], data.labels[keep]
+    pp = _preprocess(cfg, 1)
+    return ImageSet(images.__getitem__, labels, data.class_names, data.value_range, data.dataset_id, pp, (8, 8))
+
+
+def _manifest_split(cfg: DataConfig, out: Path, split: str) -> ImageSet:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not (out / REPORT).is_file() or not (out / MANIFEST).is_file():
+        raise ValueError(f"{out}: no validated data (manifest.parquet, report.json); run sdpipe data validate first")
+    report = json.loads((out / REPORT).read_text())
+    if report["kind"] != cfg.source or (cfg.path and Path(cfg.path).resolve() != Path(report["source"]).resolve()):
+        raise ValueError(
+            f"{out} holds {report['kind']} data from {report['source']}, not data.source={cfg.source} "
+            f"data.path={cfg.path}; validate that source into its own folder"
+        )
+    table = pq.read_table(
+        out / MANIFEST, columns=["file", "member", "sha256", "label", "split", "width", "height", "channels"]
+    )
+    table = table.filter(pc.equal(table["split"], split))
+    if table.num_rows == 0:
+        raise ValueError(f"{out}: no samples in split {split!r} (splits: {report['split_counts']})")
+    sizes = {(h, w) for h, w in zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True)}
+    if cfg.resolution is None and len(sizes) > 1:
+        raise ValueError(f"{out}: {len(sizes)} different image sizes; set data.resolution to resize them to one")
+    native = int(pc.max(table["channels"]).as_py())
+    labels = np.asarray(table["label"].fill_null(0).to_numpy(), dtype=np.int64)
+    reader = _ManifestReader(report["kind"], report["source"], table.select(["file", "member", "sha256"]), cfg)
+    pp = _preprocess(cfg, native)
+    workers = cfg.workers or os.cpu_count() or 1
+    return ImageSet(reader, labels, report["class_names"], (0.0, 255.0), report["dataset_id"], pp, sizes.pop(), workers)
+
+
+class _ManifestReader:
+    """Sample i's pixels from the source, checked against the sha256 the manifest recorded."""
+
+    def __init__(self, kind: str, source: str, table: Any, cfg: DataConfig) -> None:
+        self.kind, self.source, self.table, self.cfg = kind, source, table, cfg
+        self._cache: dict[str, Any] = {}
+        self._lock = threading.Lock()  # container readers (tar, Arrow) are not shared between threads
+
+    def __call__(self, i: int) -> np.ndarray:
+        file, member, sha = (self.table[c][i].as_py() for c in ("file", "member", "sha256"))
+        if self.kind == "arrays":
+            arr = np.ascontiguousarray(self._arrays()[int(member)])
+            raw = f"{arr.dtype}{arr.shape}".encode() + arr.tobytes()
+            self._verify(raw, sha, f"{file}::{member}")
+            return array_pixels(arr, 1).pixels
+        raw = self._bytes(file, member)
+        self._verify(raw, sha, file if member is None else f"{file}::{member}")
+        return decode_image(raw, 1, self.cfg.max_pixels).pixels
+
+    def _bytes(self, file: str, member: str | None) -> bytes:
+        if self.kind == "folder":
+            with open(file, "rb") as f:
+                return f.read()
+        with self._lock:
+            if self.kind == "webdataset":
+                return read_tar_member(file, str(member), self._cache)
+            if "tables" not in self._cache:
+                from sdpipe.data.tables import TableReader
+
+                self._cache["tables"] = TableReader(self.kind, self.source, self.cfg.image_column)
+            return self._cache["tables"].read(file, str(member))
+
+    def _arrays(self) -> np.ndarray:
+        with self._lock:
+            if "arrays" not in self._cache:
+                self._cache["arrays"] = load_arrays(self.source, self.cfg.images_key, self.cfg.labels_key)[0]
+            return self._cache["arrays"]
+
+    def _verify(self, raw: bytes, sha: str, where: str) -> None:
+        if hashlib.sha256(raw).hexdigest() != sha:
+            raise SourceChangedError(
+                f"{where} changed since it was validated; re-validate with: sdpipe data validate {self.source} "
+                f"--out {self.cfg.validated_dir}"
+            )
