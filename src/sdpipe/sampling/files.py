@@ -7,6 +7,7 @@ the image bit for bit (model hash and path, seed, label, sampler, steps, guidanc
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -88,20 +89,32 @@ def generate_files(
             )
             for i, px in zip(idx, to_pixels(x, meta.value_range), strict=True):
                 name = f"{i:05d}.png"
-                record = {
-                    "file": name,
-                    "label": None if labels is None or meta.class_names is None else meta.class_names[labels[i]],
-                    "seed": seed + i,
-                    "steps": spec.steps,
-                    "sampler": spec.sampler,
-                    "guidance": spec.guidance,
-                    "model": meta.weights_hash,
-                }
-                Image.fromarray(px).save(out / name, pnginfo=png_info(record, model, spec))
+                record = {"file": name, **sample_record(model, None if labels is None else labels[i], seed + i, spec)}
+                (out / name).write_bytes(encode_png(px, png_info(record, model, spec)))
                 records.append(record)
     with (out / "samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return records
+
+
+def sample_record(model: LoadedModel, label: int | None, seed: int, spec: SampleSpec) -> dict:
+    """What one image was made with (a samples.jsonl record without its file name)."""
+    names = model.meta.class_names
+    return {
+        "label": None if label is None or names is None else names[label],
+        "seed": seed,
+        "steps": spec.steps,
+        "sampler": spec.sampler,
+        "guidance": spec.guidance,
+        "model": model.meta.weights_hash,
+    }
+
+
+def encode_png(pixels: np.ndarray, info: PngImagePlugin.PngInfo) -> bytes:
+    """uint8 pixels (H, W[, C]) as PNG file bytes carrying the text chunks of `info` (see `png_info`)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def png_info(record: dict, model: LoadedModel, spec: SampleSpec) -> PngImagePlugin.PngInfo:

@@ -1,0 +1,378 @@
+"""The HTTP API through FastAPI's test client: same images as `sdpipe generate`, batching that changes no
+image, validation, backpressure, timeouts, API keys, readiness, metrics and model swaps under load."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from sdpipe.config import load_config
+from sdpipe.models import LoadedModel, ModelMeta, build_unet, load_model, save_model, weights_hash
+from sdpipe.models.format import library_versions
+from sdpipe.sampling import SampleSpec, make_scheduler, training_scheduler_config
+from sdpipe.sampling.files import generate_files
+from sdpipe.serve import batching
+from sdpipe.serve.app import create_app
+from sdpipe.serve.batching import GenerateJob, pack_rows, run_jobs
+from sdpipe.serve.metrics import ServeMetrics
+from sdpipe.serve.settings import ServeSettings
+
+TINY = [
+    "model.block_out_channels=[16, 32]",
+    "model.norm_num_groups=8",
+    "model.attention_head_dim=8",
+    "sample.steps=3",
+    "sample.micro_batch=8",
+]
+
+
+def make_model(path: Path, seed: int = 0, scale: float = 1.0) -> Path:
+    """A tiny class-conditional model with random weights (seed), saved in the sdpipe format."""
+    cfg = load_config(None, TINY)
+    torch.manual_seed(seed)
+    unet = build_unet(cfg.model, sample_size=8, channels=1, num_classes=10)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(scale)
+    d = cfg.diffusion
+    sched_cfg = training_scheduler_config(d.prediction_type, d.beta_schedule, d.num_train_timesteps)
+    meta = ModelMeta(
+        class_names=[str(i) for i in range(10)],
+        null_label=10,
+        image_size=8,
+        channels=1,
+        value_range=(0.0, 16.0),
+        dataset_id="random",
+        weights_hash=weights_hash(unet),
+        config=cfg.model_dump(mode="json"),
+        versions=library_versions(),
+    )
+    return save_model(path, unet, make_scheduler(cfg.sample.sampler, sched_cfg), meta)
+
+
+@pytest.fixture(scope="module")
+def model_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("serve") / "a", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("serve") / "b", seed=1)
+
+
+def wait_ready(client: TestClient, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def client(model_a: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(lambda: model_a, ServeSettings(max_n=16, max_steps=8))) as c:
+        wait_ready(c)
+        yield c
+
+
+def pixels(png_base64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_base64))))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(model: Path) -> LoadedModel:
+    return load_model(model)
+
+
+def cli_images(model: Path, out: Path, label: str, n: int, seed: int, spec: SampleSpec | None = None) -> list:
+    """What `sdpipe generate` writes for these settings (default: the model's own sample settings)."""
+    loaded = _load(model)
+    s = loaded.meta.config["sample"]
+    spec = spec or SampleSpec(s["sampler"], s["steps"], s["guidance"], s["micro_batch"])
+    generate_files(loaded, out, label=label, n=n, seed=seed, spec=spec, show_progress=False)
+    return [np.asarray(Image.open(out / f"{i:05d}.png")) for i in range(n)]
+
+
+def test_same_images_as_sdpipe_generate(client: TestClient, model_a: Path, tmp_path: Path) -> None:
+    body = {"label": "3", "n": 3, "seed": 13, "steps": 4, "sampler": "ddpm", "guidance": 2.0}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["model"] == load_model(model_a).meta.weights_hash
+    assert [(im["seed"], im["label"]) for im in data["images"]] == [(13, "3"), (14, "3"), (15, "3")]
+    want = cli_images(model_a, tmp_path / "a", "3", 3, 13, SampleSpec("ddpm", 4, 2.0, 8))
+    for im, ref in zip(data["images"], want, strict=True):
+        assert np.array_equal(pixels(im["png_base64"]), ref)
+    with Image.open(io.BytesIO(base64.b64decode(data["images"][0]["png_base64"]))) as png:
+        assert "Steps: 4, Sampler: ddpm, CFG scale: 2.0, Seed: 13" in png.text["parameters"]
+    # options left out are the model's own sample settings, as for `sdpipe generate`
+    r = client.post("/v1/generate", json={"n": 10, "seed": 4})
+    want = cli_images(model_a, tmp_path / "b", "all", 10, 4)
+    assert [im["label"] for im in r.json()["images"]] == [str(i % 10) for i in range(10)]
+    assert all(np.array_equal(pixels(im["png_base64"]), w) for im, w in zip(r.json()["images"], want, strict=True))
+    assert not np.array_equal(want[0], want[1])
+
+
+def test_pack_rows_puts_each_seed_in_its_own_row() -> None:
+    items = [(3, 1), (11, 2), (19, 3), (4, 0), (100, 5), (3, 2)]
+    batches = pack_rows(items, 8)
+    assert sorted(it for b in batches for it in b.values()) == sorted(items)
+    assert all(r == it[0] % 8 for b in batches for r, it in b.items())
+    # seeds 3, 11, 19 and the second (3, ·) share row 3: four micro-batches, not one per seed window
+    assert len(batches) == 4
+
+
+def test_merged_requests_give_the_images_they_give_alone(model_a: Path, tmp_path: Path) -> None:
+    model = load_model(model_a)
+    jobs = [
+        GenerateJob(n=2, seed=3, label="1", steps=3, sampler="ddpm", guidance=2.0),
+        GenerateJob(n=3, seed=11, label="all", steps=3, sampler="ddpm", guidance=2.0),  # rows 3,4,5: clash
+        GenerateJob(n=1, seed=3, label="1", steps=3, sampler="ddpm", guidance=2.0),  # the same image again
+        GenerateJob(n=1, seed=3, label="7", steps=3, sampler="ddpm", guidance=2.0),  # same seed, other label
+        GenerateJob(n=2, seed=40, label="5", steps=2, sampler="dpmpp_2m", guidance=1.0),  # another spec
+        GenerateJob(n=1, seed=0, label="nope"),  # fails alone, never the others
+    ]
+    run_jobs(model, jobs)
+    with pytest.raises(ValueError, match="unknown label"):
+        jobs[-1].future.result(timeout=0)
+    for k, job in enumerate(jobs[:-1]):
+        assert job.sampler is not None and job.steps is not None and job.guidance is not None
+        spec = SampleSpec(job.sampler, job.steps, job.guidance, 8)
+        want = cli_images(model_a, tmp_path / str(k), job.label, job.n, job.seed, spec)
+        got = [pixels(im.png_base64) for im in job.future.result(timeout=0).images]
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True)), f"request {k} differs"
+
+
+def test_concurrent_requests_are_batched(model_a: Path, tmp_path: Path) -> None:
+    settings = ServeSettings(max_batch=64, max_wait_ms=300)
+    app = create_app(lambda: model_a, settings)
+    with TestClient(app) as c:
+        wait_ready(c)
+        bodies = [{"label": str(i % 10), "n": 1, "seed": 1000 + 37 * i} for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda b: c.post("/v1/generate", json=b), bodies))
+        assert [r.status_code for r in responses] == [200] * 8
+        metrics = c.get("/metrics").text
+    batches = app.state.metrics.batch_requests.collect()[0].samples
+    count = next(s.value for s in batches if s.name.endswith("_count"))
+    assert count < 8, "8 concurrent requests ran in 8 batches: nothing was merged"
+    assert "sdpipe_images_generated_total 8.0" in metrics
+    for i, (b, r) in enumerate(zip(bodies, responses, strict=True)):
+        want = cli_images(model_a, tmp_path / str(i), b["label"], 1, b["seed"])
+        assert np.array_equal(pixels(r.json()["images"][0]["png_base64"]), want[0])
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": "two"}, "n"),
+        ({"n": 1, "steps": 9}, "steps"),
+        ({"n": 1, "steps": 0}, "steps"),
+        ({"n": 1, "guidance": 21}, "guidance"),
+        ({"n": 1, "guidance": -1}, "guidance"),
+        ({"n": 1, "sampler": "plms"}, "sampler"),
+        ({"n": 1, "seed": -1}, "seed"),
+        ({"n": 1, "seed": 2**40}, "seed"),
+        ({"n": 1, "label": "11"}, "label"),
+        ({"n": 1, "label": ""}, "label"),
+        ({"n": 1, "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_requests_get_422_naming_the_field(client: TestClient, body: dict, field: str) -> None:
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 422, r.text
+    assert field in [e["loc"][-1] for e in r.json()["detail"]]
+
+
+def test_malformed_bodies_get_422(client: TestClient) -> None:
+    for content in (b"not json", b"[1, 2]", b'{"n": NaN}', b'{"n": 1, "guidance": Infinity}'):
+        r = client.post("/v1/generate", content=content, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (content, r.text)
+
+
+@pytest.fixture
+def held_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Batches wait until the event is set: lets a test fill the queue deterministically."""
+    release = threading.Event()
+    real = batching.run_jobs
+
+    def slow_run_jobs(*args, **kwargs) -> None:
+        release.wait(30)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(batching, "run_jobs", slow_run_jobs)
+    yield release
+    release.set()
+
+
+def _wait_depth(app, depth: int) -> None:
+    deadline = time.monotonic() + 10
+    while app.state.batcher.depth() != depth:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_full_queue_gets_429_with_retry_after(model_a: Path, held_worker: threading.Event) -> None:
+    app = create_app(lambda: model_a, ServeSettings(max_batch=1, max_wait_ms=0, queue_size=2))
+    with TestClient(app) as c, ThreadPoolExecutor(3) as pool:
+        wait_ready(c)
+        first = pool.submit(c.post, "/v1/generate", json={"n": 1, "seed": 1})  # taken by the held worker
+        time.sleep(0.3)
+        queued = [pool.submit(c.post, "/v1/generate", json={"n": 1, "seed": s}) for s in (2, 3)]
+        _wait_depth(app, 2)
+        r = c.post("/v1/generate", json={"n": 1, "seed": 4})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        held_worker.set()
+        assert [f.result(30).status_code for f in [first, *queued]] == [200, 200, 200]
+        assert "sdpipe_rejected_total 1.0" in c.get("/metrics").text
+
+
+def test_request_timeout_gets_503_and_is_dropped(model_a: Path, held_worker: threading.Event) -> None:
+    app = create_app(lambda: model_a, ServeSettings(max_batch=1, max_wait_ms=0, timeout_s=0.3))
+    with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
+        wait_ready(c)
+        first = pool.submit(c.post, "/v1/generate", json={"n": 1, "seed": 1})
+        time.sleep(0.1)
+        r = c.post("/v1/generate", json={"n": 1, "seed": 2})
+        assert r.status_code == 503 and "not answered within" in r.json()["detail"]
+        assert first.result(30).status_code == 503
+        held_worker.set()
+        assert c.post("/v1/generate", json={"n": 1, "seed": 3}).status_code == 200
+        # the first request was already running when it timed out; the second, still queued, never ran
+        assert "sdpipe_images_generated_total 2.0" in c.get("/metrics").text
+
+
+def test_api_keys(model_a: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    key = "s3cret-key-\u00e9"  # non-ASCII must not break the constant-time comparison
+    with TestClient(create_app(lambda: model_a, ServeSettings(), api_keys=["other", key])) as c:
+        wait_ready(c)
+        body = {"n": 1}
+        assert c.post("/v1/generate", json=body).status_code == 401
+        r = c.post("/v1/generate", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        assert c.post("/v1/generate", json=body, headers={"Authorization": b"Basic " + key.encode()}).status_code == 401
+        ok = c.post("/v1/generate", json=body, headers={"Authorization": b"Bearer " + key.encode()})
+        assert ok.status_code == 200
+        assert c.post("/admin/reload", headers={"Authorization": "Bearer x"}).status_code == 401
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+    assert key not in caplog.text and "s3cret" not in caplog.text
+
+
+def test_health_and_readiness_while_loading(model_a: Path) -> None:
+    loading = threading.Event()
+
+    def slow_resolver() -> Path:
+        loading.wait(30)
+        return model_a
+
+    with TestClient(create_app(slow_resolver, ServeSettings())) as c:
+        assert c.get("/healthz").json() == {"status": "alive"}
+        assert c.get("/readyz").status_code == 503
+        assert c.post("/v1/generate", json={"n": 1}).status_code == 503
+        loading.set()
+        wait_ready(c)
+        assert c.get("/readyz").json()["model"] == load_model(model_a).meta.weights_hash
+
+
+def test_a_model_that_fails_warm_up_is_never_served(tmp_path: Path) -> None:
+    bad = make_model(tmp_path / "nan", scale=float("nan"))
+    with TestClient(create_app(lambda: bad, ServeSettings())) as c:
+        deadline = time.monotonic() + 10
+        while "non-finite" not in (c.get("/readyz").json().get("detail") or ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.get("/readyz").status_code == 503
+
+
+def test_metrics(client: TestClient) -> None:
+    assert client.post("/v1/generate", json={"n": 2, "seed": 5}).status_code == 200
+    assert client.post("/v1/generate", json={"n": 0}).status_code == 422
+    text = client.get("/metrics").text
+    for line in (
+        'sdpipe_http_requests_total{path="/v1/generate",status="200"} 1.0',
+        'sdpipe_http_requests_total{path="/v1/generate",status="422"} 1.0',
+        'sdpipe_http_request_seconds_count{path="/v1/generate"} 2.0',
+        "sdpipe_batch_images_count 1.0",
+        "sdpipe_queue_depth 0.0",
+        "sdpipe_images_generated_total 2.0",
+        'sdpipe_bad_images_total{kind="nonfinite"} 0.0',
+        "sdpipe_ready 1.0",
+    ):
+        assert line in text, line
+
+
+def test_bad_outputs_are_counted(model_a: Path) -> None:
+    model, metrics = load_model(model_a), ServeMetrics()
+    images = {(0, 1): torch.full((1, 8, 8), float("nan")), (1, 1): torch.zeros(1, 8, 8), (2, 1): torch.rand(1, 8, 8)}
+    batching._encode(model, images, SampleSpec(), metrics)
+    text = metrics.render()[0].decode()
+    assert 'sdpipe_bad_images_total{kind="nonfinite"} 1.0' in text
+    assert 'sdpipe_bad_images_total{kind="blank"} 1.0' in text
+
+
+def test_model_swap_fails_no_request_in_flight(model_a: Path, model_b: Path, tmp_path: Path) -> None:
+    current = {"path": model_a}
+    hash_a, hash_b = (load_model(p).meta.weights_hash for p in (model_a, model_b))
+    app = create_app(lambda: current["path"], ServeSettings(max_wait_ms=20, poll_s=0.2))
+    stop = threading.Event()
+    with TestClient(app) as c:
+        wait_ready(c)
+
+        def client_loop(k: int) -> list[tuple[int, str]]:
+            seen = []
+            for i in range(200):  # bounded: stops by itself even if `stop` is never set
+                if stop.is_set():
+                    break
+                r = c.post("/v1/generate", json={"n": 2, "seed": 100 * k + i, "label": "4"})
+                seen.append((r.status_code, r.json().get("model", r.text)))
+            return seen
+
+        with ThreadPoolExecutor(4) as pool:
+            loops = [pool.submit(client_loop, k) for k in range(4)]
+            time.sleep(0.5)
+            current["path"] = model_b  # the alias moves; the poller notices within poll_s
+            deadline = time.monotonic() + 20
+            while c.get("/readyz").json()["model"] != hash_b:
+                assert time.monotonic() < deadline, "the new model was never swapped in"
+                time.sleep(0.05)
+            time.sleep(0.5)
+            stop.set()
+            seen = [s for f in loops for s in f.result(60)]
+        assert {status for status, _ in seen} == {200}
+        assert {model for _, model in seen} == {hash_a, hash_b}
+        r = c.post("/v1/generate", json={"n": 1, "seed": 7, "label": "4"})
+        assert r.json()["model"] == hash_b
+        assert np.array_equal(pixels(r.json()["images"][0]["png_base64"]), cli_images(model_b, tmp_path, "4", 1, 7)[0])
+        assert 'sdpipe_model_reloads_total{result="ok"} 1.0' in c.get("/metrics").text
+
+
+def test_admin_reload_swaps_at_once(model_a: Path, model_b: Path, tmp_path: Path) -> None:
+    current = {"path": model_a}
+    hash_a, hash_b = (load_model(p).meta.weights_hash for p in (model_a, model_b))
+    with TestClient(create_app(lambda: current["path"], ServeSettings(poll_s=3600))) as c:
+        wait_ready(c)
+        assert c.post("/admin/reload").json() == {"changed": False, "model": hash_a}
+        current["path"] = model_b
+        assert c.get("/readyz").json()["model"] == hash_a  # no poll for an hour
+        assert c.post("/admin/reload").json() == {"changed": True, "model": hash_b}
+        assert c.post("/v1/generate", json={"n": 1}).json()["model"] == hash_b
+        current["path"] = tmp_path / "missing"
+        r = c.post("/admin/reload")
+        assert r.status_code == 503 and f"still serving {hash_b}" in r.json()["detail"]
+        assert c.post("/v1/generate", json={"n": 1}).status_code == 200
