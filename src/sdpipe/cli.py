@@ -218,6 +218,9 @@ app.add_typer(data_app, name="data")
 from sdpipe.registry.cli import app as registry_app  # noqa: E402
 
 app.add_typer(registry_app, name="registry")
+from sdpipe.serve.cli import serve as serve_command  # noqa: E402
+
+app.command("serve")(serve_command)
 # --- stage commands: end ---
 
 
