@@ -165,3 +165,24 @@ def test_container_sources_read_back_lazily(tmp_path: Path, kind: str) -> None:
 def test_open_split_needs_a_validated_folder(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sdpipe data validate"):
         open_split(DataConfig(source="folder", path=str(tmp_path)), "train")
+
+
+def test_training_settings_must_match_the_validated_ones(tmp_path: Path) -> None:
+    cfg = _validated(tmp_path)
+    other = cfg.model_copy(update={"validation_fraction": 0.5})
+    with pytest.raises(ValueError, match=r"data.validation_fraction=0.5 \(validated with 0.0\)"):
+        open_split(other, "train")
+
+
+def test_ensure_validated_refuses_or_revalidates(tmp_path: Path) -> None:
+    from sdpipe.data import ensure_validated
+
+    cfg = _validated(tmp_path)
+    ensure_validated(cfg)
+    ensure_validated(DataConfig())  # digits: nothing to check
+    (Path(cfg.path or "") / "b" / "new.png").write_bytes(_png(_noise(77)))
+    with pytest.raises(SourceChangedError, match="added"):
+        ensure_validated(cfg)
+    ensure_validated(cfg, revalidate=True)
+    ensure_validated(cfg)
+    assert len(open_split(cfg, "train")) == 13

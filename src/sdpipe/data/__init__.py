@@ -6,7 +6,7 @@ since it was validated. See docs/data.md.
 """
 
 from sdpipe.data.digits import DataCheck, Dataset, check_dataset, load_dataset, to_model_range, to_source_range
-from sdpipe.data.imageset import ImageSet, open_split
+from sdpipe.data.imageset import ImageSet, ensure_validated, open_split
 from sdpipe.data.splits import assign_split
 from sdpipe.data.versioning import SourceChangedError, check_source_unchanged
 
@@ -18,6 +18,7 @@ __all__ = [
     "assign_split",
     "check_dataset",
     "check_source_unchanged",
+    "ensure_validated",
     "load_dataset",
     "open_split",
     "to_model_range",

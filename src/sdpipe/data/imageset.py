@@ -125,6 +125,7 @@ def _manifest_split(cfg: DataConfig, out: Path, split: str) -> ImageSet:
     if not (out / REPORT).is_file() or not (out / MANIFEST).is_file():
         raise ValueError(f"{out}: no validated data (manifest.parquet, report.json); run sdpipe data validate first")
     report = json.loads((out / REPORT).read_text())
+    _check_same_settings(cfg, report.get("config", {}), out)
     if report["kind"] != cfg.source or (cfg.path and Path(cfg.path).resolve() != Path(report["source"]).resolve()):
         raise ValueError(
             f"{out} holds {report['kind']} data from {report['source']}, not data.source={cfg.source} "
@@ -145,6 +146,43 @@ def _manifest_split(cfg: DataConfig, out: Path, split: str) -> ImageSet:
     pp = _preprocess(cfg, native)
     workers = cfg.workers or os.cpu_count() or 1
     return ImageSet(reader, labels, report["class_names"], (0.0, 255.0), report["dataset_id"], pp, sizes.pop(), workers)
+
+
+# settings that change what validation accepts, labels or splits: training must use the validated ones
+VALIDATION_KEYS = (
+    "labels", "image_column", "label_column", "caption_column", "images_key", "labels_key",
+    "min_size", "max_pixels", "validation_fraction", "near_duplicate_bits",
+)  # fmt: skip
+
+
+def _check_same_settings(cfg: DataConfig, validated: dict[str, Any], out: Path) -> None:
+    now = cfg.model_dump(mode="json")
+    differ = [
+        f"data.{k}={now[k]!r} (validated with {validated[k]!r})"
+        for k in VALIDATION_KEYS
+        if k in validated and validated[k] != now[k]
+    ]
+    if differ:
+        raise ValueError(
+            f"{out} was validated with other settings: {', '.join(differ)}; re-validate with these settings"
+        )
+
+
+def ensure_validated(cfg: DataConfig, revalidate: bool = False, show_progress: bool = False) -> None:
+    """Before training: with `revalidate`, validate `cfg.path` into `cfg.validated_dir` again; otherwise
+    refuse (`SourceChangedError`) a source that changed since it was validated. Nothing to do for digits."""
+    if cfg.source == "digits":
+        return
+    if not cfg.validated_dir or not cfg.path:
+        raise ValueError(f"data.source={cfg.source} needs data.path and data.validated_dir (see docs/data.md)")
+    if revalidate:
+        from sdpipe.data.validate import validate
+
+        validate(cfg.path, cfg.validated_dir, cfg, kind=cfg.source, show_progress=show_progress)
+        return
+    from sdpipe.data.versioning import check_source_unchanged
+
+    check_source_unchanged(cfg.validated_dir)
 
 
 class _ManifestReader:
