@@ -31,8 +31,18 @@ def _manifest(out: Path) -> list[dict]:
     return pq.read_table(out / "manifest.parquet").to_pylist()
 
 
+def _tree(src: Path | str) -> dict[str, bytes]:
+    p = Path(src)
+    if str(src) == "digits":
+        return {}
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    return {str(q): q.read_bytes() for q in files}
+
+
 def _run(src: Path | str, out: Path, **cfg: object) -> tuple[dict, list[dict]]:
+    before = _tree(src)
     report = validate(str(src), out, DataConfig(**cfg))
+    assert _tree(src) == before, "validation changed the source"
     assert report["files_seen"] == report["accepted"] + len(report["quarantined"]) + len(report["skipped"])
     assert json.loads((out / "report.json").read_text())["dataset_id"] == report["dataset_id"]
     assert (out / "report.html").read_text().count(report["dataset_id"]) == 1

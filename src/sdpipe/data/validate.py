@@ -137,6 +137,7 @@ def validate(
 
     start = time.perf_counter()
     kind = resolve_kind(source, cfg, kind)
+    source = source if kind == "digits" else os.path.abspath(source)  # the manifest works from any folder
     out = Path(out)
     _check_out_dir(source, out)
     src = open_source(kind, source, cfg)
