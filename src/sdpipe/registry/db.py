@@ -15,6 +15,7 @@ trigger on SQLite and PostgreSQL).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -109,11 +110,23 @@ def open_engine(url: str) -> sa.Engine:
     # writers wait for each other's (short) transactions instead of failing at once
     connect_args = {"timeout": 30} if make_url(url).get_backend_name() == "sqlite" else {}
     engine = sa.create_engine(url, connect_args=connect_args)
-    if sa.inspect(engine).has_table("events"):
+    if set(metadata.tables) <= set(sa.inspect(engine).get_table_names()):
         return engine
+    for attempt in range(10):
+        try:
+            _create_schema(engine)
+            return engine
+        except sa.exc.DBAPIError:  # another process is creating the same tables at this very moment
+            if attempt == 9:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return engine
+
+
+def _create_schema(engine: sa.Engine) -> None:
+    """Tables (checked first) and the append-only triggers (idempotent): safe to run again."""
     metadata.create_all(engine)
     statements = {"sqlite": _SQLITE_APPEND_ONLY, "postgresql": _POSTGRES_APPEND_ONLY}
     with engine.begin() as conn:
         for statement in statements.get(engine.dialect.name, []):
             conn.exec_driver_sql(statement)
-    return engine
