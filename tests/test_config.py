@@ -25,14 +25,14 @@ def test_overrides_are_typed_and_applied() -> None:
             "train.steps=7",
             "model.block_out_channels=[8, 16]",
             "sample.sampler=ddim",
-            "train.min_snr_gamma=null",
+            "train.loss_weighting=min_snr",
             "model.norm_num_groups=8",
         ],
     )
     assert cfg.train.steps == 7
     assert cfg.model.block_out_channels == [8, 16]
     assert cfg.sample.sampler == "ddim"
-    assert cfg.train.min_snr_gamma is None
+    assert cfg.train.loss_weighting == "min_snr"
 
 
 def test_unknown_key_names_key_and_allowed_keys() -> None:

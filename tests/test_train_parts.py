@@ -12,11 +12,21 @@ from sdpipe.train.losses import DiffusionLoss, TimestepSampler
 
 def test_min_snr_weight_for_v_prediction() -> None:
     sched = noise_scheduler(load_config())
-    loss = DiffusionLoss(sched, min_snr_gamma=5.0)
+    loss = DiffusionLoss(sched, "min_snr", min_snr_gamma=5.0)
     t = torch.tensor([0, 500, 999])
     snr = loss.snr[t]
     torch.testing.assert_close(loss.weight(t), snr.clamp(max=5.0) / (snr + 1))
-    assert torch.equal(DiffusionLoss(sched, None).weight(t), torch.ones(3))
+    assert torch.equal(DiffusionLoss(sched, "uniform").weight(t), torch.ones(3))
+
+
+def test_edm_weight_for_v_prediction_is_lambda_sigma_on_the_x0_error() -> None:
+    """EDM's lambda = (sigma^2 + sd^2) / (sigma sd)^2 with sigma^2 = 1/SNR, over ||x0 err||^2 = ||v err||^2/(SNR+1)."""
+    sched = noise_scheduler(load_config())
+    loss = DiffusionLoss(sched, "edm", sigma_data=0.5)
+    t = torch.tensor([10, 500, 990])
+    sigma2 = 1 / loss.snr[t]
+    lam = (sigma2 + 0.25) / (sigma2 * 0.25)
+    torch.testing.assert_close(loss.weight(t), lam / (loss.snr[t] + 1))
 
 
 def test_lognormal_timesteps_follow_edm_sigma_distribution() -> None:

@@ -85,6 +85,13 @@ class DiffusionConfig(_Section):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     num_train_timesteps: int = Field(default=1000, ge=10, le=10000)
     schedule_shift: float = Field(default=1.0, gt=0, le=64)  # SNR x shift^2 ("simple diffusion"); 1 = none
+    # "ddpm": the discrete-time process above, target `prediction_type`. "edm": EDM's preconditioning and
+    # sigma schedule (Karras et al. 2022): sigma in [sigma_min, sigma_max], data std sigma_data; sampled with
+    # diffusers' EDM schedulers, so only the euler and dpmpp_2m(_karras) samplers apply
+    formulation: Literal["ddpm", "edm"] = "ddpm"
+    sigma_min: float = Field(default=0.002, gt=0)
+    sigma_max: float = Field(default=80.0, gt=0)
+    sigma_data: float = Field(default=0.5, gt=0)  # also used by the "edm" loss weighting
 
 
 class TrainConfig(_Section):
@@ -95,7 +102,10 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
-    min_snr_gamma: float | None = Field(default=None, gt=0)  # Hang et al. 2023; None = uniform weighting
+    # weight of each noise level in the loss: "uniform" on the target, "min_snr" (min(SNR, gamma) on the x0
+    # error, Hang et al. 2023) or "edm" (Karras et al. 2022's lambda(sigma); what the "edm" formulation uses)
+    loss_weighting: Literal["uniform", "min_snr", "edm"] = "uniform"
+    min_snr_gamma: float = Field(default=5.0, gt=0)
     # which noise levels are trained: "uniform" over timesteps, or EDM's ln(sigma) ~ N(mean, std^2)
     # (Karras et al. 2022) mapped to the nearest timestep of the schedule
     timestep_sampling: Literal["uniform", "lognormal"] = "uniform"
@@ -113,6 +123,14 @@ class TrainConfig(_Section):
     max_rollbacks: int = Field(default=3, ge=0)
     seed: int = Field(default=0, ge=0)
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = all cores
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast through accelerate, where the device has it
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    # validation loss on the data's validation split every N steps (None: never); early stopping after
+    # `early_stopping_patience` validations without a new best (None: never stop early). The best
+    # validation's checkpoint is kept whatever keep_checkpoints says.
+    validate_every: int | None = Field(default=None, ge=1)
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(default=[])  # besides metrics.jsonl (always)
 
 
 class SampleConfig(_Section):
@@ -129,6 +147,9 @@ class EvaluateConfig(_Section):
     seed: int = Field(default=1_000_000, ge=0)
 
 
+EDM_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_2m_karras")  # those diffusers has EDM schedulers for
+
+
 class PipelineConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -136,6 +157,20 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> PipelineConfig:
+        if self.diffusion.formulation == "edm":
+            if self.sample.sampler not in EDM_SAMPLERS:
+                raise ValueError(
+                    f"sample.sampler {self.sample.sampler!r} has no EDM scheduler in diffusers; "
+                    f"with diffusion.formulation=edm use one of: {', '.join(EDM_SAMPLERS)}"
+                )
+            if self.train.loss_weighting != "edm":
+                raise ValueError("diffusion.formulation=edm trains with train.loss_weighting=edm")
+        if self.diffusion.sigma_min >= self.diffusion.sigma_max:
+            raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
+        return self
 
 
 def _format_errors(err: ValidationError, root: type[BaseModel]) -> str:

@@ -6,16 +6,20 @@ of its stage's package. The demo's run folder holds train metrics.jsonl and chec
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import PartialState
 
 from sdpipe.config import PipelineConfig
 from sdpipe.data import Dataset, check_dataset, load_dataset
+from sdpipe.data.splits import assign_split
 from sdpipe.evaluate.report import write_report
 from sdpipe.evaluate.run import evaluate_model
 from sdpipe.models import LoadedModel, ModelMeta, load_model, save_model, weights_hash
@@ -23,7 +27,7 @@ from sdpipe.models.format import library_versions
 from sdpipe.progress import progress_bar
 from sdpipe.sampling import SampleSpec, generate, make_scheduler
 from sdpipe.sampling.files import to_pixels
-from sdpipe.train import TrainResult, noise_scheduler, train
+from sdpipe.train import TrainResult, sampler_config, train
 
 
 class DataError(ValueError):
@@ -33,6 +37,17 @@ class DataError(ValueError):
 def sample_spec(cfg: PipelineConfig) -> SampleSpec:
     s = cfg.sample
     return SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)
+
+
+def split_dataset(data: Dataset, validation_fraction: float) -> tuple[Dataset, Dataset]:
+    """(train, validation) by each image's content hash (`sdpipe.data.splits`): stable under reordering.
+    The training part keeps the whole set's `dataset_id`."""
+    hashes = [hashlib.sha256(np.ascontiguousarray(im, dtype=np.float32).tobytes()).hexdigest() for im in data.images]
+    is_val = np.array([assign_split(h, validation_fraction) == "validation" for h in hashes], dtype=bool)
+    return (
+        dataclasses.replace(data, images=data.images[~is_val], labels=data.labels[~is_val]),
+        dataclasses.replace(data, images=data.images[is_val], labels=data.labels[is_val]),
+    )
 
 
 @dataclass
@@ -54,21 +69,26 @@ def train_model(
     check = check_dataset(data)
     if not check.ok:
         raise DataError("data check failed:\n  " + "\n  ".join(check.problems))
+    data, validation = split_dataset(data, cfg.data.validation_fraction)
     seconds = {"data": time.perf_counter() - t0}
 
     t = time.perf_counter()
-    with progress_bar("training", cfg.train.steps, show_progress) as advance:
+    # one process unless launched with torchrun / accelerate launch; cpu=True as the training loop's
+    # Accelerator says it, or a CPU-only machine would not see the other processes
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    with progress_bar("training", cfg.train.steps, show_progress and processes.is_main_process) as advance:
         result = train(
             cfg,
             data,
             run_dir,
             progress=lambda step, row: advance(1, f"loss {row['loss']:.4f}  {row['samples_per_s']:.0f} samples/s"),
             resume=resume,
+            validation=validation,
         )
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sampler = make_scheduler(cfg.sample.sampler, dict(noise_scheduler(cfg).config))
+    sampler = make_scheduler(cfg.sample.sampler, sampler_config(cfg))
     meta = ModelMeta(
         class_names=data.class_names,
         null_label=len(data.class_names),
@@ -80,7 +100,6 @@ def train_model(
         config=cfg.model_dump(mode="json"),
         versions=library_versions(),
     )
-    processes = PartialState()  # set up by the training loop's Accelerator; one process unless launched
     if processes.is_main_process:
         save_model(run_dir / "model", result.unet, sampler, meta)
     processes.wait_for_everyone()

@@ -10,6 +10,8 @@ import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_edm_euler import EDMEulerScheduler
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteScheduler
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
@@ -30,6 +32,15 @@ SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
     ),
     "unipc": (UniPCMultistepScheduler, {}),
 }
+
+# Models trained with EDM preconditioning (a saved config with `sigma_data`) sample with diffusers' EDM
+# schedulers, which apply the preconditioning themselves. Both DPM-Solver++ names use EDM's Karras sigmas.
+EDM_SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "euler": (EDMEulerScheduler, {}),
+    "dpmpp_2m": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+_EDM_KEYS = ("sigma_min", "sigma_max", "sigma_data", "prediction_type")
 
 # Keys of a training config that every sampler shares; the rest of a saved config is sampler-specific.
 _SHARED_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
@@ -57,10 +68,19 @@ def training_scheduler_config(
     return config
 
 
+def edm_scheduler_config(sigma_min: float, sigma_max: float, sigma_data: float) -> dict[str, Any]:
+    """EDM's noise levels as diffusers EDM scheduler settings (`prediction_type="epsilon"` selects EDM's own
+    c_out, the one `sdpipe.train.losses.EDMLoss` trains with)."""
+    return {"sigma_min": sigma_min, "sigma_max": sigma_max, "sigma_data": sigma_data, "prediction_type": "epsilon"}
+
+
 def make_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Scheduler:
     """A fresh scheduler for sampler `name`, matching the noise schedule in `model_scheduler_config`."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    cls, extra = SAMPLERS[name]
-    shared = {k: model_scheduler_config[k] for k in _SHARED_KEYS if k in model_scheduler_config}
+    edm = "sigma_data" in model_scheduler_config
+    table, keys = (EDM_SAMPLERS, _EDM_KEYS) if edm else (SAMPLERS, _SHARED_KEYS)
+    if name not in table:
+        kind = "an EDM-preconditioned model" if edm else "this model"
+        raise ValueError(f"sampler {name!r} does not apply to {kind}; choose one of: {', '.join(table)}")
+    cls, extra = table[name]
+    shared = {k: model_scheduler_config[k] for k in keys if k in model_scheduler_config}
     return cls(**shared, **extra)

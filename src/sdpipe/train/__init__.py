@@ -1,5 +1,7 @@
-"""Train stage: losses, the training loop and its checkpoints."""
+"""Train stage: the recipe (noise process, loss), the training loop, validation and checkpoints."""
 
-from sdpipe.train.loop import TrainResult, noise_scheduler, train
+from sdpipe.train.loop import TrainResult, train
+from sdpipe.train.recipe import make_objective, noise_scheduler, sampler_config
+from sdpipe.train.validation import validation_loss
 
-__all__ = ["TrainResult", "noise_scheduler", "train"]
+__all__ = ["TrainResult", "make_objective", "noise_scheduler", "sampler_config", "train", "validation_loss"]

@@ -2,6 +2,7 @@
 
     RUN/checkpoints/step_000500/{model,ema,optimizer,rng}.safetensors + state.json
     RUN/checkpoints/latest                      # name of the last complete checkpoint
+    RUN/checkpoints/best                        # name of the best validation's checkpoint, if validating
 
 A checkpoint is written under a temporary name and renamed into place, then `latest` is replaced
 atomically, so a crash at any instant leaves the previous complete checkpoint in charge.
@@ -43,7 +44,10 @@ def save_checkpoint(
     rng: dict[str, torch.Tensor],
     state: dict[str, Any],
     keep: int = 3,
+    best: bool = False,
 ) -> Path:
+    """Write a checkpoint atomically and point `latest` (and, with `best`, `best`) at it; keep the newest
+    `keep` checkpoints plus the best one."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
     root = run_dir / "checkpoints"
@@ -61,10 +65,12 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
-    older = sorted(p for p in root.glob("step_*") if p != final)  # zero-padded names sort by step
+    for name in ("latest", "best") if best else ("latest",):
+        pointer = root / f".{name}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / name)
+    kept = {final, _pointed(root / "best")}
+    older = sorted(p for p in root.glob("step_*") if p not in kept)  # zero-padded names sort by step
     for stale in older[: max(len(older) - (keep - 1), 0)]:  # keep the newest `keep`, this one included
         shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -81,12 +87,16 @@ class Checkpoint:
     state: dict[str, Any]  # the rest of state.json
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The last complete checkpoint of a run, or None when it has none."""
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
+def _pointed(pointer: Path) -> Path | None:
+    return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def latest_checkpoint(run_dir: Path, which: str = "latest") -> Path | None:
+    """The last complete checkpoint of a run (`which="best"`: the best validation's), or None."""
+    pointer = run_dir / "checkpoints" / which
+    path = _pointed(pointer)
+    if path is None:
         return None
-    path = pointer.parent / pointer.read_text().strip()
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
     return path

@@ -9,6 +9,7 @@ two runs of the same config on the same machine and thread count give bitwise id
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -21,15 +22,15 @@ import torch
 from accelerate import Accelerator
 from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from sdpipe.config import PipelineConfig, TrainConfig
 from sdpipe.data import Dataset, to_model_range
 from sdpipe.models import build_unet
-from sdpipe.sampling import training_scheduler_config
 from sdpipe.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from sdpipe.train.losses import DiffusionLoss, TimestepSampler
+from sdpipe.train.recipe import Loss, make_objective
+from sdpipe.train.trackers import accelerator_tracking, finish_trackers, start_trackers
+from sdpipe.train.validation import EarlyStopping, validation_loss
 
 # Test hook, not a user setting: called with each step number; True makes that step's loss NaN.
 NONFINITE_HOOK: Callable[[int], bool] | None = None
@@ -41,14 +42,9 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     samples_per_second: float = 0.0
-    events: list[dict] = field(default_factory=list)  # skipped non-finite steps, rollbacks
-
-
-def noise_scheduler(cfg: PipelineConfig) -> DDPMScheduler:
-    d = cfg.diffusion
-    return DDPMScheduler(
-        **training_scheduler_config(d.prediction_type, d.beta_schedule, d.num_train_timesteps, d.schedule_shift)
-    )
+    events: list[dict] = field(default_factory=list)  # skipped non-finite steps, rollbacks, validations
+    best_step: int | None = None  # with validation: the step whose EMA weights `unet` holds
+    stopped_early: bool = False
 
 
 class EpochSampler:
@@ -77,12 +73,15 @@ def train(
     run_dir: str | Path,
     progress: Callable[[int, dict], None] | None = None,
     resume: bool = False,
+    validation: Dataset | None = None,
 ) -> TrainResult:
     """Train a model on `data` as `cfg` says; writes checkpoints and `metrics.jsonl` under `run_dir`.
 
     With `resume`, training continues from the run's last complete checkpoint (if it has one) with every
     state restored, so it ends with the weights an uninterrupted run would have had (same machine and
-    thread count)."""
+    thread count). With `validation` data and `train.validate_every`, the validation loss of the EMA weights
+    is logged, the best validation's checkpoint is kept, training may stop early, and the returned model is
+    the best one."""
     t_cfg = cfg.train
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +90,11 @@ def train(
     torch.manual_seed(t_cfg.seed)
     # On a machine without CUDA, cpu=True lets accelerate run several CPU processes (torchrun, accelerate
     # launch) over gloo; with CUDA it places each process on its GPU.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=t_cfg.mixed_precision,
+        **accelerator_tracking(t_cfg.trackers, run_dir),
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     if t_cfg.batch_size % world:
         raise ValueError(f"train.batch_size {t_cfg.batch_size} must be divisible by the {world} processes")
@@ -101,6 +104,8 @@ def train(
     unet = build_unet(
         cfg.model, sample_size=data.images.shape[-1], channels=data.images.shape[1], num_classes=num_classes
     )
+    if t_cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t_cfg.learning_rate, weight_decay=t_cfg.weight_decay)
     lr_sched = get_scheduler(
         t_cfg.lr_schedule if t_cfg.lr_schedule == "cosine" else "constant_with_warmup",
@@ -110,19 +115,20 @@ def train(
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema = EMAModel(unet.parameters(), decay=t_cfg.ema_decay, use_ema_warmup=True, power=t_cfg.ema_warmup_power)
-    train_sched = noise_scheduler(cfg)
-    loss_fn = DiffusionLoss(train_sched, t_cfg.min_snr_gamma)
-    timesteps = TimestepSampler(train_sched, t_cfg.timestep_sampling, t_cfg.lognormal_mean, t_cfg.lognormal_std)
+    loss_fn, noise_levels = make_objective(cfg)
 
     x_all = to_model_range(data.images, data.value_range)
     y_all = torch.as_tensor(data.labels)
     batches = EpochSampler(len(x_all), t_cfg.batch_size, gen)
     null_label = num_classes
+    validate = _validator(cfg, validation, loss_fn, accelerator.unwrap_model(unet), ema)
+    stopper = EarlyStopping(t_cfg.early_stopping_patience)
     config = cfg.model_dump(mode="json")
     metrics_path = run_dir / "metrics.jsonl"
     history: list[dict] = []
+    events: list[dict] = []
     first_step = 1
-    state = _TrainState(accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches)
+    state = _TrainState(accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches, stopper)
     found = latest_checkpoint(run_dir) if resume else None
     if found is not None:
         ck = load_checkpoint(found)
@@ -130,20 +136,22 @@ def train(
         first_step = state.restore(ck) + 1
         if metrics_path.exists():  # keep the rows up to the checkpoint, drop those of the lost steps
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            history = [r for r in rows if r["step"] <= ck.step and "event" not in r]
-    events: list[dict] = []
+            rows = [r for r in rows if r["step"] <= ck.step]
+            history = [r for r in rows if "event" not in r]
+            events = [r for r in rows if "event" in r]
+    start_trackers(accelerator, config)
     bad_in_a_row = 0
     start = time.perf_counter()
     # only the main process writes files; the others log to nowhere
     with metrics_path.open("w") if accelerator.is_main_process else open(os.devnull, "w") as log:
-        log.writelines(json.dumps(r) + "\n" for r in history)
+        log.writelines(json.dumps(r) + "\n" for r in history + events)
         step = first_step
-        while step <= t_cfg.steps:
+        while step <= t_cfg.steps and not stopper.should_stop:
             idx = batches.next()
             x0, y = x_all[idx].to(accelerator.device), y_all[idx].clone()
             y[torch.rand(len(y), generator=gen) < t_cfg.label_dropout] = null_label
             noise = torch.randn(x0.shape, generator=gen).to(x0)
-            t = timesteps(len(x0), gen)
+            t = noise_levels(len(x0), gen)
             # every process draws the same global batch and trains on its own slice of it, so N processes
             # train the model one process would (gradients are averaged over equal slices)
             x0, y, noise, t = (v[rank::world] for v in (x0, y, noise, t))
@@ -183,24 +191,69 @@ def train(
                 "elapsed_s": elapsed,
             }
             history.append(row)
-            if accelerator.is_main_process:
-                log.write(json.dumps(row) + "\n")
-                if step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps:
-                    log.flush()
-                    state.save(run_dir, step, config)
-            if step % t_cfg.checkpoint_every == 0:
+            log.write(json.dumps(row) + "\n")
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            is_best = False
+            if validate is not None and step % (t_cfg.validate_every or 1) == 0:
+                value = validate()
+                is_best = stopper.update(step, value)
+                event = {"step": step, "event": "validation", "val_loss": value, "best": is_best}
+                events.append(event)
+                log.write(json.dumps(event) + "\n")
+                accelerator.log({"val_loss": value}, step=step)
+            checkpoint_due = step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps or is_best
+            if accelerator.is_main_process and (checkpoint_due or stopper.should_stop):
+                log.flush()
+                state.save(run_dir, step, config, best=is_best)
+            if step % t_cfg.checkpoint_every == 0 or is_best:
                 accelerator.wait_for_everyone()  # no process rolls back to a checkpoint still being written
             if progress is not None:
                 progress(step, row)
             step += 1
+    accelerator.wait_for_everyone()
+    finish_trackers(accelerator)
     seconds = time.perf_counter() - start
     final = copy.deepcopy(accelerator.unwrap_model(unet))
-    ema.copy_to(final.parameters())
+    best = latest_checkpoint(run_dir, "best") if validate is not None else None
+    if best is not None:  # the best validation's EMA weights
+        final.load_state_dict(load_checkpoint(best).ema, strict=False)
+    else:
+        ema.copy_to(final.parameters())
     final.eval().requires_grad_(False)
     if not all(math.isfinite(r["loss"]) for r in history[-10:]):
         raise FloatingPointError("training diverged: the last losses are not finite; lower train.learning_rate")
-    trained = (t_cfg.steps - first_step + 1) * t_cfg.batch_size
-    return TrainResult(final, history, seconds, trained / seconds if seconds > 0 else 0.0, events)
+    trained = (step - first_step) * t_cfg.batch_size
+    return TrainResult(
+        final,
+        history,
+        seconds,
+        trained / seconds if seconds > 0 else 0.0,
+        events,
+        best_step=stopper.best_step if best is not None else None,
+        stopped_early=stopper.should_stop,
+    )
+
+
+def _validator(
+    cfg: PipelineConfig, validation: Dataset | None, loss_fn: Loss, unet: UNet2DModel, ema: EMAModel
+) -> Callable[[], float] | None:
+    """A function giving the validation loss of the EMA weights, or None when not validating."""
+    if validation is None or cfg.train.validate_every is None:
+        return None
+    if len(validation.images) == 0:
+        raise ValueError("train.validate_every is set but the validation split is empty; raise its share")
+    x_val = to_model_range(validation.images, validation.value_range)
+    y_val = torch.as_tensor(validation.labels)
+
+    def run() -> float:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+        try:
+            return validation_loss(unet, loss_fn, x_val.to(unet.device), y_val.to(unet.device), seed=cfg.train.seed)
+        finally:
+            ema.restore(unet.parameters())
+
+    return run
 
 
 @dataclass
@@ -213,8 +266,9 @@ class _TrainState:
     lr_sched: torch.optim.lr_scheduler.LambdaLR
     gen: torch.Generator
     batches: EpochSampler
+    stopper: EarlyStopping
 
-    def save(self, run_dir: Path, step: int, config: dict) -> None:
+    def save(self, run_dir: Path, step: int, config: dict, best: bool = False) -> None:
         names = [n for n, _ in self.unet.named_parameters()]
         save_checkpoint(
             run_dir,
@@ -227,9 +281,11 @@ class _TrainState:
                 "data_position": self.batches.pos,
                 "ema_optimization_step": self.ema.optimization_step,
                 "lr_scheduler": self.lr_sched.state_dict(),
+                "early_stopping": dataclasses.asdict(self.stopper),
                 "config": config,
             },
             keep=config["train"]["keep_checkpoints"],
+            best=best,
         )
 
     def restore(self, ck: Checkpoint) -> int:
@@ -242,6 +298,8 @@ class _TrainState:
         self.gen.set_state(ck.rng["generator"])
         torch.set_rng_state(ck.rng["torch"])
         self.batches.order, self.batches.pos = ck.rng["order"], ck.state["data_position"]
+        for key, value in ck.state.get("early_stopping", {}).items():
+            setattr(self.stopper, key, value)
         return ck.step
 
 

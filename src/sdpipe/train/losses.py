@@ -32,27 +32,42 @@ class TimestepSampler:
 
 class DiffusionLoss:
     """Denoising loss for the discrete-time DDPM forward process (Ho et al. 2020), with target
-    epsilon, v (Salimans & Ho 2022, "Progressive Distillation") or x0, and optional min-SNR-gamma weighting
-    (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy")."""
+    epsilon, v (Salimans & Ho 2022, "Progressive Distillation") or x0. Weighting, stated as a weight on the
+    x0 error and converted for the target: uniform on the target; min-SNR-gamma, min(SNR, gamma) (Hang et al.
+    2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"); or EDM's lambda(sigma) =
+    (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 = SNR + 1/sigma_data^2 (Karras et al. 2022, Table 1)."""
 
-    def __init__(self, noise_scheduler: DDPMScheduler, min_snr_gamma: float | None = None) -> None:
+    def __init__(
+        self,
+        noise_scheduler: DDPMScheduler,
+        weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        sigma_data: float = 0.5,
+    ) -> None:
+        if weighting not in ("uniform", "min_snr", "edm"):
+            raise ValueError(f"unknown loss weighting {weighting!r}: uniform, min_snr or edm")
         self.sched = noise_scheduler
         self.prediction_type = noise_scheduler.config["prediction_type"]
         alphas = noise_scheduler.alphas_cumprod
         self.snr = alphas / (1 - alphas)
-        self.gamma = min_snr_gamma
+        self.weighting, self.gamma, self.sigma_data = weighting, min_snr_gamma, sigma_data
+        self.num_timesteps = len(alphas)
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss weight: min(SNR, gamma) turned into the weight for the chosen target."""
-        if self.gamma is None:
+        """Per-sample loss weight for the chosen target."""
+        if self.weighting == "uniform":
             return torch.ones_like(t, dtype=torch.float32)
         snr = self.snr[t]
-        w = snr.clamp(max=self.gamma)
-        if self.prediction_type == "epsilon":
-            return w / snr
-        if self.prediction_type == "v_prediction":
-            return w / (snr + 1)
-        return w  # x0 target
+        w_x0 = snr.clamp(max=self.gamma) if self.weighting == "min_snr" else snr + 1 / self.sigma_data**2
+        if self.prediction_type == "epsilon":  # ||x0 error||^2 = ||eps error||^2 / SNR
+            return w_x0 / snr
+        if self.prediction_type == "v_prediction":  # ||x0 error||^2 = ||v error||^2 / (SNR + 1)
+            return w_x0 / (snr + 1)
+        return w_x0
+
+    def validation_level(self, quantile: torch.Tensor) -> torch.Tensor:
+        """The noise level at `quantile` in [0, 1) of the levels validation covers: timesteps, uniformly."""
+        return (quantile * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
 
     def __call__(
         self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor
@@ -67,3 +82,35 @@ class DiffusionLoss:
         pred = unet(xt, t, class_labels=labels).sample
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         return (self.weight(t).to(per_sample) * per_sample).mean()
+
+
+class EDMLoss:
+    """EDM preconditioning and loss (Karras et al. 2022, "Elucidating the Design Space...", Table 1):
+    D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with x = x0 + sigma n, ln(sigma) ~ N(p_mean, p_std^2),
+    weighted by lambda(sigma) = 1 / c_out^2, i.e. a plain squared error on F's effective target. The
+    conditioning matches diffusers' EDM schedulers (c_noise = ln(sigma) / 4, `prediction_type="epsilon"`), so
+    the saved model samples with `EDMDPMSolverMultistepScheduler` in a vanilla diffusers loop."""
+
+    def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2) -> None:
+        self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
+
+    def sample_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return (self.p_mean + self.p_std * torch.randn(n, generator=generator)).exp()
+
+    def validation_level(self, quantile: torch.Tensor) -> torch.Tensor:
+        """The sigma at `quantile` in (0, 1) of the training distribution."""
+        normal = torch.distributions.Normal(0.0, 1.0)
+        return (self.p_mean + self.p_std * normal.icdf(quantile.float().clamp(1e-4, 1 - 1e-4))).exp()
+
+    def __call__(
+        self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        sd = self.sigma_data
+        s = sigma.float().view(-1, 1, 1, 1)
+        x = x0 + s * noise
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1 / (s**2 + sd**2).sqrt()
+        out = unet(c_in * x, 0.25 * sigma.float().log(), class_labels=labels).sample
+        target = (x0 - c_skip * x) / c_out
+        return (out.float() - target).pow(2).mean()
