@@ -139,7 +139,9 @@ def _other_sources(tmp_path: Path) -> dict[str, tuple[Path, list[np.ndarray]]]:
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
     rows = {"image": [{"bytes": _png(a), "path": None} for a in imgs], "label": [0, 1, 0, 1]}
     datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "hf"))
-    pq.write_table(pa.table({"image": pa.array([_png(a) for a in imgs], pa.binary())}), tmp_path / "t.parquet")
+    meta = [{"source": i} for i in range(4)]  # a struct column before the image column
+    table = pa.table({"meta": meta, "image": pa.array([_png(a) for a in imgs], pa.binary())})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=3)
     with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
         for i, a in enumerate(imgs):
             sink.write({"__key__": f"k{i}", "png": _png(a), "cls": b"1"})

@@ -120,3 +120,26 @@ def test_near_duplicates_are_grouped() -> None:
     groups, unchecked = near_duplicate_groups(np.concatenate([base, close, far]), max_bits=3)
     assert sorted(groups) == [[0, 200], [1, 201], [2, 202]] and unchecked == 0
     assert near_duplicate_groups(np.concatenate([base, close]), max_bits=1)[0] == []
+
+
+def test_split_and_caption_from_metadata_jsonl(tmp_path) -> None:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from sdpipe.config import DataConfig
+    from sdpipe.data.validate import validate
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(_png(i))
+    rows = [{"file_name": "1.png", "split": "val", "caption": "one"}, {"file_name": "2.png", "split": "test"}]
+    (src / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    report = validate(str(src), tmp_path / "out", DataConfig(source="folder"))
+    got = {
+        r["path"].rsplit("/", 1)[1]: (r["split"], r["caption"])
+        for r in pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    }
+    assert got == {"0.png": ("train", None), "1.png": ("validation", "one"), "2.png": ("test", None)}
+    assert report["split_counts"] == {"train": 1, "validation": 1, "test": 1}

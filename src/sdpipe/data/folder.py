@@ -137,7 +137,7 @@ def _place(rel: Path, layout: FolderLayout, meta: dict) -> tuple[str | None, int
     split = None
     if layout.split_level:
         split, parts = SPLIT_FOLDERS[parts[0]], parts[1:]
-    split = meta.get("split", split)
+    split = SPLIT_FOLDERS.get(str(meta["split"]), str(meta["split"])) if "split" in meta else split
     if layout.class_names is None:
         return split, None, None
     name = str(meta["label"]) if "label" in meta else (parts[0] if parts else None)

@@ -142,7 +142,8 @@ def _manifest_split(cfg: DataConfig, out: Path, split: str) -> ImageSet:
         raise ValueError(f"{out}: {len(sizes)} different image sizes; set data.resolution to resize them to one")
     native = int(pc.max(table["channels"]).as_py())
     labels = np.asarray(table["label"].fill_null(0).to_numpy(), dtype=np.int64)
-    reader = _ManifestReader(report["kind"], report["source"], table.select(["file", "member", "sha256"]), cfg)
+    columns = table.select(["file", "member", "sha256"])
+    reader = _ManifestReader(report["kind"], report["source"], columns, cfg, report.get("image_column"))
     pp = _preprocess(cfg, native)
     workers = cfg.workers or os.cpu_count() or 1
     return ImageSet(reader, labels, report["class_names"], (0.0, 255.0), report["dataset_id"], pp, sizes.pop(), workers)
@@ -188,8 +189,9 @@ def ensure_validated(cfg: DataConfig, revalidate: bool = False, show_progress: b
 class _ManifestReader:
     """Sample i's pixels from the source, checked against the sha256 the manifest recorded."""
 
-    def __init__(self, kind: str, source: str, table: Any, cfg: DataConfig) -> None:
+    def __init__(self, kind: str, source: str, table: Any, cfg: DataConfig, image_column: str | None) -> None:
         self.kind, self.source, self.table, self.cfg = kind, source, table, cfg
+        self.image_column = image_column or cfg.image_column
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()  # container readers (tar, Arrow) are not shared between threads
 
@@ -214,7 +216,7 @@ class _ManifestReader:
             if "tables" not in self._cache:
                 from sdpipe.data.tables import TableReader
 
-                self._cache["tables"] = TableReader(self.kind, self.source, self.cfg.image_column)
+                self._cache["tables"] = TableReader(self.kind, self.source, self.image_column)
             return self._cache["tables"].read(file, str(member))
 
     def _arrays(self) -> np.ndarray:

@@ -48,6 +48,7 @@ class Source:
     class_names: list[str] | None
     items: Iterator[Item]
     class_names_after: Callable[[], list[str] | None] | None = None  # for sources that learn them as they go
+    image_column: str | None = None  # hf/parquet: the column the images were read from
 
 
 def detect_kind(path: str) -> str:

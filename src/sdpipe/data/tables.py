@@ -135,7 +135,7 @@ def open_hf(path: str, cfg: Any) -> Source:
                 item.split = {"val": "validation", "valid": "validation"}.get(split or "", split)
                 yield item
 
-    return Source("hf", path, names, items())
+    return Source("hf", path, names, items(), image_column=cols[0])
 
 
 def open_parquet(path: str, cfg: Any) -> Source:
@@ -165,7 +165,7 @@ def open_parquet(path: str, cfg: Any) -> Source:
             except Exception as exc:  # noqa: BLE001 - a broken file is quarantined, never a crash
                 yield Item(path=str(f), problem=f"unreadable Parquet file ({type(exc).__name__}: {exc})")
 
-    return Source("parquet", path, names, items())
+    return Source("parquet", path, names, items(), image_column=cols[0])
 
 
 def _parquet_label_names(files: list[Path], column: str) -> list[str]:

@@ -154,7 +154,9 @@ def validate(
     class_names = src.class_names if src.class_names_after is None else src.class_names_after()
     report = _finish(partial, out, state, class_names, cfg.near_duplicate_bits)
     partial.unlink()
-    report.update(source=str(source), kind=kind, validation_fraction=cfg.validation_fraction)
+    report.update(
+        source=str(source), kind=kind, image_column=src.image_column, validation_fraction=cfg.validation_fraction
+    )
     report["config"] = cfg.model_dump(mode="json")
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["files_per_s"] = round(state.files_seen / max(report["seconds"], 1e-9), 1)
