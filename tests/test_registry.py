@@ -242,7 +242,7 @@ def test_resolve_paths_and_references(reg: Registry, tmp_path: Path, monkeypatch
     monkeypatch.setenv("SDPIPE_REGISTRY_URL", reg.url)
     assert resolve("digits:1") == reg.store / "digits" / "1"
     for ref, message in [
-        ("faces", r"no model named 'faces' .*\(models: digits\)"),
+        ("faces", r"'faces' is not an existing path; no model named 'faces' .*\(models: digits\)"),
         ("digits@canary", r"no alias 'canary' \(aliases: production"),
         ("digits:3", r"no version 3 \(versions: 1, 2\)"),
         ("runs/demo/modle", "is not an existing path, nor a registry reference"),

@@ -45,7 +45,13 @@ def resolve(ref: str | Path, url: str | None = None) -> Path:
     """
     if Path(ref).exists():
         return Path(ref)
-    return _registry_for(str(ref), url).path(_parse(str(ref)))
+    parsed = _parse(str(ref))
+    try:
+        return _registry_for(str(ref), url).path(parsed)
+    except RegistryError as exc:
+        if parsed.alias is None and parsed.version is None:  # a bare word may have been meant as a folder
+            raise RegistryError(f"{ref!r} is not an existing path; {exc}") from None
+        raise
 
 
 def load(ref: str | Path, url: str | None = None) -> LoadedModel:
@@ -71,7 +77,7 @@ def _registry_for(ref: str, url: str | None) -> Registry:
     db_file = sqlite_file(url)
     if db_file is not None and not db_file.exists():  # never create an empty registry just to say "unknown"
         _parse(ref)
-        raise RegistryError(f"{ref!r} is not an existing path, and there is no registry at {db_file} yet")
+        raise RegistryError(f"there is no registry at {db_file} yet, so {ref!r} names no registered model")
     return _cached_registry(url, str(default_store(url)))
 
 
