@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -140,6 +141,8 @@ def create_app(resolver: Resolver, settings: ServeSettings | None = None, api_ke
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
         holder.start()
         batcher.start()
         yield
@@ -219,11 +222,6 @@ def create_app(resolver: Resolver, settings: ServeSettings | None = None, api_ke
         except RuntimeError as exc:  # shutting down
             raise HTTPException(503, str(exc)) from None
         return {"model": result.model, "images": [im.__dict__ for im in result.images]}
-
-    generate.__annotations__["req"] = request_model(settings)  # this server's limits
-    app.post(
-        "/v1/generate", response_model=GenerateResponse, dependencies=[auth], responses=denied | busy | unavailable
-    )(generate)
 
     generate.__annotations__["req"] = request_model(settings)  # this server's limits
     app.post(

@@ -30,6 +30,9 @@ class ServeSettings(BaseModel):
     # backpressure: at most queue_size requests wait; beyond that 429 with Retry-After
     queue_size: int = Field(default=64, ge=1, le=100_000)
     timeout_s: float = Field(default=60.0, gt=0, le=3600)  # a request not answered by then gets 503
+    # torch intra-op threads for generation (None: torch's default, all cores); images do not depend on it
+    # in our tests, but `sdpipe generate` is only guaranteed the same bits with the same thread count
+    threads: int | None = Field(default=None, ge=1, le=1024)
     # model reference: re-resolved every poll_s seconds (and on POST /admin/reload); a new model is swapped in
     poll_s: float = Field(default=5.0, gt=0, le=3600)
 
