@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -132,29 +131,37 @@ def train(
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model directory.")],
-    out: Annotated[Path, typer.Option(help="Folder for metrics.json.")],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json and report.html.")],
     n: Annotated[int | None, typer.Option(help="Number of generated images to judge.")] = None,
+    data: Annotated[str | None, typer.Option(help="Data source (default: the model's own training data).")] = None,
+    inception: Annotated[
+        Path | None, typer.Option(help="pt_inception-2015-12-05-6726825d.pth for Inception features (sha256-checked).")
+    ] = None,
+    samplers: Annotated[str, typer.Option(help="Samplers of the quality-vs-steps table.")] = "ddim,dpmpp_2m,unipc",
+    steps: Annotated[str, typer.Option(help="Step counts of the quality-vs-steps table.")] = "5,10,20,50",
     quiet: QuietOpt = False,
 ) -> None:
-    """Judge a saved model against its training data: label accuracy, Frechet distance ratio, near-copies."""
-    from sdpipe.data import load_dataset
-    from sdpipe.evaluate.run import evaluate_model
+    """Evaluate a saved model: FID/KID/precision/recall, per-class accuracy, memorization, quality vs steps."""
+    from sdpipe.evaluate.command import check_sweep, evaluate_saved_model, parse_list
 
-    loaded = _load(model)
-    overrides = {"evaluate": {**loaded.meta.config["evaluate"], "n_samples": n}} if n is not None else {}
-    try:  # the model's own settings, with --n checked like any other setting
-        cfg = validate_config({**loaded.meta.config, **overrides})
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    data = load_dataset(cfg.data)
-    if data.dataset_id != loaded.meta.dataset_id:
-        err_console.print(
-            f"[yellow]warning:[/] data {data.dataset_id} differs from the model's {loaded.meta.dataset_id}"
+    try:
+        names = parse_list(samplers, "--samplers")
+        counts = check_sweep(names, parse_list(steps, "--steps"))
+        metrics = evaluate_saved_model(
+            model,
+            out,
+            n=n,
+            data_source=data,
+            inception=inception,
+            samplers=names,
+            steps=counts,
+            show_progress=not quiet,
         )
-    metrics = evaluate_model(loaded, data, cfg.evaluate, _spec(loaded.meta.config, None, None, None), not quiet)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"model": loaded.meta.weights_hash, "evaluation": metrics}, indent=2))
-    _print_summary({"evaluation": metrics}, out)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise _fail(str(exc)) from None
+    for warning in metrics.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    _print_summary(metrics, out)
 
 
 @app.command("config")

@@ -101,6 +101,118 @@ def write_report(
         "<h2>Config</h2>",
         f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>",
     ]
+    return _write_html(path, title, parts)
+
+
+def steps_plot(sweep: list[dict]) -> str:
+    """FID and images/s against sampling steps, one line per sampler."""
+    fig, (q, s) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for sampler in dict.fromkeys(r["sampler"] for r in sweep):
+        rows = sorted((r for r in sweep if r["sampler"] == sampler), key=lambda r: r["steps"])
+        steps = [r["steps"] for r in rows]
+        q.plot(steps, [r["fid"] for r in rows], marker="o", label=sampler)
+        s.plot(steps, [r["images_per_s"] for r in rows], marker="o", label=sampler)
+    for ax, name in ((q, "FID (lower is better)"), (s, "images/s")):
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(name)
+    q.legend()
+    return _png(fig)
+
+
+def pairs_picture(pairs: list[tuple[np.ndarray, np.ndarray, float]]) -> str:
+    """Closest (sample, training image) pairs: samples on top, their nearest training images below."""
+    fig, axes = plt.subplots(2, len(pairs), figsize=(len(pairs) * 0.9, 2.1), squeeze=False)
+    for i, (sample, train, dist) in enumerate(pairs):
+        for row, img in ((0, sample), (1, train)):
+            ax = axes[row, i]
+            ax.imshow(img, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, i].set_title(f"{dist:.2f}", fontsize=7)
+    axes[0, 0].set_ylabel("sample", fontsize=7)
+    axes[1, 0].set_ylabel("training", fontsize=7)
+    return _png(fig)
+
+
+def trajectory_picture(traj: np.ndarray, max_columns: int = 10) -> str:
+    """x0 predictions (samples, steps, H, W[, C]): one row per sample, evenly spaced steps left to right."""
+    n_steps = traj.shape[1]
+    cols = np.unique(np.linspace(0, n_steps - 1, min(max_columns, n_steps)).round().astype(int))
+    fig, axes = plt.subplots(len(traj), len(cols), figsize=(len(cols) * 0.7, len(traj) * 0.75), squeeze=False)
+    for r in range(len(traj)):
+        for c, step in enumerate(cols):
+            ax = axes[r, c]
+            ax.imshow(traj[r, step], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+            ax.axis("off")
+            if r == 0:
+                ax.set_title(f"step {step + 1}", fontsize=6)
+    return _png(fig)
+
+
+def attention_picture(final: np.ndarray, maps: dict[str, np.ndarray]) -> str:
+    """Each sample next to the attention its positions receive in every attention layer."""
+    names = sorted(maps)
+    fig, axes = plt.subplots(len(final), 1 + len(names), figsize=((1 + len(names)) * 1.1, len(final) * 1.1))
+    axes = np.atleast_2d(axes)
+    for r in range(len(final)):
+        axes[r, 0].imshow(final[r], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+        for c, name in enumerate(names, start=1):
+            axes[r, c].imshow(maps[name][r], cmap="viridis", interpolation="nearest")
+            if r == 0:
+                axes[r, c].set_title(name.replace(".attentions.", ".attn"), fontsize=5)
+        for ax in axes[r]:
+            ax.axis("off")
+    axes[0, 0].set_title("sample", fontsize=6)
+    return _png(fig)
+
+
+def write_evaluation_report(path: str | Path, *, title: str, metrics: dict, pictures: dict, config: dict) -> Path:
+    """The report of `sdpipe evaluate`: feature-space metrics (naming the features), classifier accuracy,
+    memorization, quality versus steps, the judge's numbers, trajectories and attention maps."""
+    ev, clf, memo = metrics["evaluation"], metrics["classifier"], metrics["memorization"]
+    d = ev["default"]
+    dist_keys = ["sampler", "steps", "guidance", "n", "fid", "kid_mean", "kid_std", "precision", "recall"]
+    sweep_keys = list(metrics["steps_sweep"][0]) if metrics["steps_sweep"] else []
+    judge_keys = ["sampler", "steps", "guidance", "fd_ratio", "label_accuracy", "near_copy_share", "images_per_s"]
+    features = metrics["features"]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>model {_fmt(metrics['model'])}, data {_fmt(metrics['dataset_id'])}</p>",
+        "<h2>Distribution metrics (default generate settings)</h2>",
+        f"<p><b>Features: {_fmt(features['name'])}</b>. {_fmt(features['description'])}</p>",
+        _table([d], dist_keys),
+        "<h2>Classifier accuracy on samples</h2>",
+        f"<p>{_fmt(clf['what'])}; its accuracy on held-out real images: {_fmt(clf['heldout_real_accuracy'])}; "
+        f"on the samples: {_fmt(clf['accuracy'])}.</p>",
+        _table([clf["per_class"]], list(clf["per_class"])) if clf["per_class"] else "<p>unconditional model</p>",
+        "<h2>Memorization</h2>",
+        f"<p>near-copies: {_fmt(memo['near_copy_share'])} of the samples (L2 to the nearest training image below "
+        f"{_fmt(memo['near_copy_threshold'])}, the smallest distance between two distinct training images). "
+        "Closest pairs (L2 above each pair):</p>",
+        f'<img alt="closest pairs" src="{pairs_picture(pictures["pairs"])}">' if pictures["pairs"] else "",
+        "<h2>Quality versus sampling steps</h2>",
+        _table(metrics["steps_sweep"], sweep_keys),
+        f'<img alt="quality versus steps" src="{steps_plot(metrics["steps_sweep"])}">' if sweep_keys else "",
+        "<h2>The judge (guidance sweep)</h2>",
+        _table(ev["guidance_sweep"], judge_keys),
+        "<h2>Validation loss</h2>",
+        f"<p>{_fmt(metrics['validation_loss'])}</p>",
+        "<h2>Denoising trajectory (the model's clean-image prediction after each step)</h2>",
+        f'<img alt="trajectory" src="{trajectory_picture(pictures["trajectory"])}">',
+        "<h2>Attention maps (attention each position receives, middle step)</h2>",
+        f'<img alt="attention" src="{attention_picture(pictures["final"], pictures["attention"])}">'
+        if pictures["attention"]
+        else "<p>this model has no attention layers</p>",
+        "<h2>Timings (seconds)</h2>",
+        _table([metrics["timings_s"]], list(metrics["timings_s"])),
+        "<h2>Model config</h2>",
+        f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>",
+    ]
+    return _write_html(path, title, parts)
+
+
+def _write_html(path: str | Path, title: str, parts: list[str]) -> Path:
     style = (
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -24,11 +25,15 @@ def judge_accuracy_on_real(data: Dataset, seed: int) -> float:
     return float(cross_val_score(SVC(kernel="rbf", gamma="scale", C=10.0), x, data.labels, cv=folds).mean())
 
 
-def sample_and_score(
-    model: LoadedModel, judge: Judge, spec: SampleSpec, n: int, seed: int, show_progress: bool = True
-) -> dict:
-    """Generate n images (labels cycling through the classes, seeds seed..seed+n-1) and judge them as PNG
-    pixels, i.e. exactly what a user gets from `sdpipe generate`."""
+# extra(pixels, requested labels) -> more metrics for the same samples (e.g. FID in a feature space)
+ExtraScores = Callable[[np.ndarray, np.ndarray | None], dict]
+
+
+def sample_pixels(
+    model: LoadedModel, spec: SampleSpec, n: int, seed: int, show_progress: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """n images as PNG pixels (labels cycling through the classes, seeds seed..seed+n-1), their labels, and
+    the seconds it took to generate them."""
     meta = model.meta
     n_classes = len(meta.class_names) if meta.class_names else 0
     labels = [i % n_classes for i in range(n)] if n_classes else None
@@ -45,8 +50,23 @@ def sample_and_score(
             progress=adv,
         )
     seconds = time.perf_counter() - start
-    samples = pixels_to_source(to_pixels(x, meta.value_range), meta.value_range)
-    scores = judge.score(samples, None if labels is None else np.array(labels))
+    return to_pixels(x, meta.value_range), None if labels is None else np.array(labels), seconds
+
+
+def sample_and_score(
+    model: LoadedModel,
+    judge: Judge,
+    spec: SampleSpec,
+    n: int,
+    seed: int,
+    show_progress: bool = True,
+    extra: ExtraScores | None = None,
+) -> dict:
+    """Generate n images (labels cycling through the classes, seeds seed..seed+n-1) and judge them as PNG
+    pixels, i.e. exactly what a user gets from `sdpipe generate`; `extra` adds metrics of its own."""
+    pixels, labels, seconds = sample_pixels(model, spec, n, seed, show_progress)
+    samples = pixels_to_source(pixels, model.meta.value_range)
+    scores = judge.score(samples, labels)
     return {
         "sampler": spec.sampler,
         "steps": spec.steps,
@@ -54,20 +74,32 @@ def sample_and_score(
         "images_per_s": n / seconds,
         "seconds": seconds,
         **scores,
+        **(extra(pixels, labels) if extra is not None else {}),
     }
 
 
+def fit_judge(data: Dataset, cfg: EvaluateConfig) -> Judge:
+    return Judge.fit(data.images, data.labels, pca_components=cfg.pca_components, seed=cfg.seed)
+
+
 def evaluate_model(
-    model: LoadedModel, data: Dataset, cfg: EvaluateConfig, spec: SampleSpec, show_progress: bool = True
+    model: LoadedModel,
+    data: Dataset,
+    cfg: EvaluateConfig,
+    spec: SampleSpec,
+    show_progress: bool = True,
+    extra: ExtraScores | None = None,
+    judge: Judge | None = None,
 ) -> dict:
-    """Metrics for the default sampling settings plus a guidance sweep, and how the judge was built."""
-    judge = Judge.fit(data.images, data.labels, pca_components=cfg.pca_components, seed=cfg.seed)
-    default = sample_and_score(model, judge, spec, cfg.n_samples, cfg.seed, show_progress)
+    """Metrics for the default sampling settings plus a guidance sweep, and how the judge was built;
+    `extra` adds metrics of its own to every row."""
+    judge = judge or fit_judge(data, cfg)
+    default = sample_and_score(model, judge, spec, cfg.n_samples, cfg.seed, show_progress, extra)
     sweep = [default]
     for g in cfg.guidance_scales:
         if g != spec.guidance:
             other = SampleSpec(spec.sampler, spec.steps, g, spec.micro_batch)
-            sweep.append(sample_and_score(model, judge, other, cfg.n_samples, cfg.seed, show_progress))
+            sweep.append(sample_and_score(model, judge, other, cfg.n_samples, cfg.seed, show_progress, extra))
     sweep.sort(key=lambda r: r["guidance"])
     return {
         "default": default,

@@ -6,6 +6,9 @@ floating-point results may depend on the batch's shape and on a row's position i
 runs on micro-batches of one fixed size, and the seed alone decides a sample's row (`seed % micro_batch`);
 unused rows are padding. Each micro-batch is denoised by its own scheduler instance. So image bits depend
 only on (model, seed, label, sampler, steps, guidance, micro_batch), never on n or on chunking.
+
+An optional `on_step` callback sees the model's clean-image prediction (x0) after every sampler step, for
+looking inside the denoising trajectory; it only reads tensors, so it never changes a generated bit.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.unets.unet_2d import UNet2DModel
 
-from sdpipe.sampling.schedulers import make_scheduler
+from sdpipe.sampling.schedulers import Scheduler, make_scheduler
+
+# on_step(step index, timestep, x0 prediction (B, C, H, W)) for `denoise`
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,11 @@ def denoise(
     null_label: int | None,
     spec: SampleSpec,
     generators: list[torch.Generator],
+    on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Run one fixed-shape batch through the sampler: `noise` (B, C, H, W) -> images in [-1, 1]."""
+    """Run one fixed-shape batch through the sampler: `noise` (B, C, H, W) -> images in [-1, 1].
+
+    `on_step`, if given, receives a copy of the clean-image prediction after each step (see `predicted_x0`)."""
     sched = make_scheduler(spec.sampler, scheduler_config)
     sched.set_timesteps(spec.steps)
     if hasattr(sched, "set_begin_index"):
@@ -69,7 +78,7 @@ def denoise(
         class_in = torch.cat([labels, torch.full_like(labels, null_label)])
     elif labels is not None:
         class_in = labels
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
         inp = sched.scale_model_input(x, t)
         if guided:
             inp = torch.cat([inp, inp])
@@ -77,8 +86,39 @@ def denoise(
         if guided:
             cond, uncond = out.chunk(2)
             out = uncond + spec.guidance * (cond - uncond)
-        x = sched.step(out, t, x, **step_kwargs).prev_sample
+        step = sched.step(out, t, x, **step_kwargs)
+        if on_step is not None:
+            on_step(i, t, predicted_x0(step, out, inp[: len(x)], x, t, sched))
+        x = step.prev_sample
     return x
+
+
+def predicted_x0(
+    step_output: object,
+    model_output: torch.Tensor,
+    model_input: torch.Tensor,
+    sample: torch.Tensor,
+    t: torch.Tensor,
+    sched: Scheduler,
+) -> torch.Tensor:
+    """The model's clean-image prediction at timestep t, as a new tensor, called right after `sched.step`:
+    the scheduler's own `pred_original_sample` where it returns one (DDPM, DDIM, Euler, Heun, EDM Euler);
+    EDM's preconditioning of the (guided) model output for diffusers' EDM DPM-Solver; else computed from the
+    output and the variance-preserving model input with the training schedule's alpha-bar at t (DPM-Solver,
+    UniPC; their timesteps are integers)."""
+    x0 = getattr(step_output, "pred_original_sample", None)
+    if x0 is not None:
+        return x0.detach().clone()
+    if not hasattr(sched, "alphas_cumprod"):  # EDM: the step just taken was at sigmas[step_index - 1]
+        return sched.precondition_outputs(sample, model_output, sched.sigmas[sched.step_index - 1]).clone()
+    abar = sched.alphas_cumprod[int(round(float(t)))].to(model_input.device, model_input.dtype)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        return (model_input - s * model_output) / a
+    if kind == "v_prediction":
+        return a * model_input - s * model_output
+    return model_output.detach().clone()
 
 
 def generate(
@@ -91,8 +131,12 @@ def generate(
     null_label: int | None,
     spec: SampleSpec,
     progress: Callable[[int], None] | None = None,
+    on_step: Callable[[int, dict[int, torch.Tensor]], None] | None = None,
 ) -> torch.Tensor:
-    """Images in [-1, 1], one per seed, in the order of `seeds`. `labels[i]` conditions `seeds[i]`."""
+    """Images in [-1, 1], one per seed, in the order of `seeds`. `labels[i]` conditions `seeds[i]`.
+
+    `on_step(step index, {seed: x0 prediction (C, H, W)})` is called after every sampler step of every
+    micro-batch, with that micro-batch's seeds (the denoising trajectory; it changes no image)."""
     if labels is not None and len(labels) != len(seeds):
         raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
     if len(set(seeds)) != len(seeds):
@@ -110,9 +154,21 @@ def generate(
         if label_of is not None:
             pad = null_label if null_label is not None else 0
             lab = torch.tensor([label_of[rows[r]] if r in rows else pad for r in range(m)], device=device)
-        x = denoise(unet, scheduler_config, noise, lab, null_label, spec, gens)
+        step_cb: StepCallback | None = None
+        if on_step is not None:
+            step_cb = _per_seed(on_step, rows)
+        x = denoise(unet, scheduler_config, noise, lab, null_label, spec, gens, step_cb)
         for r, s in rows.items():
             result[s] = x[r].cpu()
         if progress is not None:
             progress(len(group))
     return torch.stack([result[s] for s in seeds])
+
+
+def _per_seed(on_step: Callable[[int, dict[int, torch.Tensor]], None], rows: dict[int, int]) -> StepCallback:
+    """Adapt a per-seed callback to `denoise`'s per-batch one: rows of padding are left out."""
+
+    def callback(i: int, t: torch.Tensor, x0: torch.Tensor) -> None:
+        on_step(i, {s: x0[r].cpu() for r, s in rows.items()})
+
+    return callback

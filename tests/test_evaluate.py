@@ -1,0 +1,117 @@
+"""`sdpipe evaluate` end to end on the tiny model, and looking inside: trajectories, attention maps."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+from typer.testing import CliRunner
+
+from sdpipe.cli import app
+from sdpipe.evaluate.inside import attention_maps, trajectory
+from sdpipe.models import load_model
+from sdpipe.sampling import SampleSpec, generate
+from sdpipe.sampling.files import to_pixels
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sdpipe_cache")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
+def test_step_callback_sees_x0_and_changes_no_bits(tiny_model_dir: Path, sampler: str) -> None:
+    m = load_model(tiny_model_dir)
+    spec = SampleSpec(sampler, 4, 2.0, micro_batch=8)
+    seeds, labels = [3, 9, 12], [3, 9, 2]  # two micro-batches
+    seen: dict[int, dict[int, torch.Tensor]] = {}
+    kw = {"shape": (1, 8, 8), "null_label": 10, "spec": spec}
+    with_cb = generate(
+        m.unet, m.scheduler_config, seeds, labels, on_step=lambda i, x0: seen.setdefault(i, {}).update(x0), **kw
+    )
+    plain = generate(m.unet, m.scheduler_config, seeds, labels, **kw)
+    assert torch.equal(with_cb, plain)
+    assert len(seen) == (2 * 4 - 1 if sampler == "heun" else 4) and all(set(v) == set(seeds) for v in seen.values())
+    last = seen[max(seen)]
+    for i, s in enumerate(seeds):  # the last clean-image prediction is the image (up to float rounding)
+        assert torch.allclose(last[s], plain[i], atol=1e-5)
+    assert not torch.allclose(seen[0][3], plain[0], atol=1e-3)  # the first one is not
+
+
+def test_trajectory_and_attention_maps(tiny_model_dir: Path) -> None:
+    m = load_model(tiny_model_dir)
+    spec = SampleSpec("dpmpp_2m", 4, 1.0, micro_batch=8)
+    seeds, labels = [0, 1, 20], [0, 1, 2]
+    traj, final = trajectory(m, spec, seeds, labels)
+    assert traj.shape == (3, 4, 8, 8) and traj.dtype == np.uint8
+    x = generate(m.unet, m.scheduler_config, seeds, labels, shape=(1, 8, 8), null_label=10, spec=spec)
+    assert np.array_equal(final, to_pixels(x, (0.0, 16.0)))
+
+    before = {n: type(a.processor) for n, a in m.unet.named_modules() if isinstance(a, Attention)}
+    maps = attention_maps(m, spec, seeds, labels)
+    assert set(maps) == set(before) and before  # every attention layer of the tiny model
+    for grid in maps.values():
+        assert grid.shape[0] == 3 and np.allclose(grid.sum(axis=(1, 2)), 1.0, atol=1e-5)  # a distribution
+        assert not np.allclose(grid[0], grid[0].mean())  # not uniform: it is the model's own attention
+    after = {n: type(a.processor) for n, a in m.unet.named_modules() if isinstance(a, Attention)}
+    assert after == before  # the original processors are back
+
+
+def _numbers(metrics: dict) -> dict:
+    """metrics without timings: what must repeat exactly."""
+    drop = {"images_per_s", "seconds", "timings_s"}
+    if isinstance(metrics, dict):
+        return {k: _numbers(v) for k, v in metrics.items() if k not in drop}
+    if isinstance(metrics, list):
+        return [_numbers(v) for v in metrics]  # type: ignore[return-value]
+    return metrics
+
+
+def test_evaluate_command_writes_metrics_and_report_and_repeats(
+    tiny_model_dir: Path, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SDPIPE_CACHE_DIR", str(cache))
+    args = ["evaluate", "--model", str(tiny_model_dir), "--n", "20", "--samplers", "ddim,dpmpp_2m", "--steps", "2,4"]
+    first = runner.invoke(app, [*args, "--out", str(tmp_path / "a"), "--quiet"])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--quiet"])
+    assert second.exit_code == 0, second.output
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert _numbers(a) == _numbers(b)  # same seeds, cached features: the same numbers
+
+    d = a["evaluation"]["default"]
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "fd_ratio", "classifier_accuracy"):
+        assert isinstance(d[key], float), key
+    assert d["n"] == 20 and 0 <= d["precision"] <= 1 and 0 <= d["recall"] <= 1
+    assert a["features"]["name"].startswith("featnet-v1:") and a["dataset_id"] in a["features"]["name"]
+    assert set(a["classifier"]["per_class"]) == {str(c) for c in range(10)}
+    assert len(a["memorization"]["closest_pairs"]) == 8
+    assert [(r["sampler"], r["steps"]) for r in a["steps_sweep"]] == [
+        ("ddim", 2),
+        ("ddim", 4),
+        ("dpmpp_2m", 2),
+        ("dpmpp_2m", 4),
+    ]
+    assert a["steps_sweep"][3]["fid"] == d["fid"]  # dpmpp_2m x4 is the model's default: measured once
+    report = (tmp_path / "a" / "report.html").read_text()
+    assert a["features"]["name"] in report and "Memorization" in report and "trajectory" in report
+    assert report.count("data:image/png;base64,") == 4  # pairs, steps plot, trajectory, attention
+    assert "FD ratio" in first.output
+
+
+def test_evaluate_command_errors_name_the_problem(tiny_model_dir: Path, tmp_path: Path) -> None:
+    base = ["evaluate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")]
+    result = runner.invoke(app, [*base, "--samplers", "ddim,plms"])
+    assert result.exit_code == 2 and "--samplers: unknown plms" in result.output
+    result = runner.invoke(app, [*base, "--steps", "5,ten"])
+    assert result.exit_code == 2 and "--steps" in result.output
+    result = runner.invoke(app, [*base, "--inception", str(tmp_path / "none.pth")])
+    assert result.exit_code == 2 and "Inception weights not found" in result.output
+    result = runner.invoke(app, [*base, "--data", "nowhere"])
+    assert result.exit_code == 2 and "data.source" in result.output
+    assert not (tmp_path / "x").exists()
