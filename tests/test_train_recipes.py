@@ -165,3 +165,17 @@ def test_bf16_and_gradient_checkpointing_switches(tmp_path: Path) -> None:
 def test_uniform_weighting_is_unweighted() -> None:
     sched = noise_scheduler(load_config())
     assert torch.equal(DiffusionLoss(sched).weight(torch.tensor([5, 50])), torch.ones(2))
+
+
+def test_eval_every_logs_quality_without_changing_training(tmp_path: Path) -> None:
+    base = [*TINY, "train.steps=6", "train.checkpoint_every=6"]
+    plain = train_model(load_config(None, base), tmp_path / "plain", show_progress=False)
+    cfg = load_config(None, [*base, "train.eval_every=3", "train.eval_samples=20"])
+    watched = train_model(cfg, tmp_path / "watched", show_progress=False)
+    evals = [e for e in watched.result.events if e["event"] == "evaluation"]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert all(e["fd_ratio"] > 0 and 0 <= e["label_accuracy"] <= 1 for e in evals)
+    logged = [json.loads(x) for x in (tmp_path / "watched" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r.get("event") == "evaluation"] == [3, 6]
+    # evaluating the EMA weights in between leaves training untouched, bit for bit
+    assert watched.model.meta.weights_hash == plain.model.meta.weights_hash

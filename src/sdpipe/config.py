@@ -131,6 +131,10 @@ class TrainConfig(_Section):
     validate_every: int | None = Field(default=None, ge=1)
     early_stopping_patience: int | None = Field(default=None, ge=1)
     trackers: list[Literal["tensorboard", "mlflow"]] = Field(default=[])  # besides metrics.jsonl (always)
+    # a small evaluation of the EMA weights every N steps (None: never): `eval_samples` images with the
+    # model's sampler, scored by the judge (FD ratio, label accuracy), for quality-over-time curves
+    eval_every: int | None = Field(default=None, ge=1)
+    eval_samples: int = Field(default=200, ge=10)
 
 
 class SampleConfig(_Section):

@@ -10,18 +10,20 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import PartialState
+from diffusers.models.unets.unet_2d import UNet2DModel
 
 from sdpipe.config import PipelineConfig
 from sdpipe.data import Dataset, check_dataset, load_dataset
 from sdpipe.data.splits import assign_split
 from sdpipe.evaluate.report import write_report
-from sdpipe.evaluate.run import evaluate_model
+from sdpipe.evaluate.run import evaluate_model, fit_judge, sample_and_score
 from sdpipe.models import LoadedModel, ModelMeta, load_model, save_model, weights_hash
 from sdpipe.models.format import library_versions
 from sdpipe.progress import progress_bar
@@ -48,6 +50,37 @@ def split_dataset(data: Dataset, validation_fraction: float) -> tuple[Dataset, D
         dataclasses.replace(data, images=data.images[~is_val], labels=data.labels[~is_val]),
         dataclasses.replace(data, images=data.images[is_val], labels=data.labels[is_val]),
     )
+
+
+def model_meta(cfg: PipelineConfig, data: Dataset, weights: str) -> ModelMeta:
+    return ModelMeta(
+        class_names=data.class_names,
+        null_label=len(data.class_names),
+        image_size=data.images.shape[-1],
+        channels=data.images.shape[1],
+        value_range=data.value_range,
+        dataset_id=data.dataset_id,
+        weights_hash=weights,
+        config=cfg.model_dump(mode="json"),
+        versions=library_versions(),
+    )
+
+
+def training_evaluator(cfg: PipelineConfig, data: Dataset) -> Callable[[UNet2DModel], dict] | None:
+    """For `train.eval_every`: the judge's FD ratio, label accuracy and near-copy share of
+    `train.eval_samples` images from the weights in training (fixed seeds, the model's sampler)."""
+    if cfg.train.eval_every is None:
+        return None
+    judge = fit_judge(data, cfg.evaluate)
+    meta = model_meta(cfg, data, "in-training")
+    keys = ("fd_ratio", "label_accuracy", "near_copy_share", "images_per_s")
+
+    def evaluate(unet: UNet2DModel) -> dict:
+        model = LoadedModel(Path("."), unet, sampler_config(cfg), meta)
+        scores = sample_and_score(model, judge, sample_spec(cfg), cfg.train.eval_samples, cfg.evaluate.seed, False)
+        return {k: scores[k] for k in keys if k in scores}
+
+    return evaluate
 
 
 @dataclass
@@ -84,22 +117,13 @@ def train_model(
             progress=lambda step, row: advance(1, f"loss {row['loss']:.4f}  {row['samples_per_s']:.0f} samples/s"),
             resume=resume,
             validation=validation,
+            evaluator=training_evaluator(cfg, data),
         )
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
     sampler = make_scheduler(cfg.sample.sampler, sampler_config(cfg))
-    meta = ModelMeta(
-        class_names=data.class_names,
-        null_label=len(data.class_names),
-        image_size=data.images.shape[-1],
-        channels=data.images.shape[1],
-        value_range=data.value_range,
-        dataset_id=data.dataset_id,
-        weights_hash=weights_hash(result.unet),
-        config=cfg.model_dump(mode="json"),
-        versions=library_versions(),
-    )
+    meta = model_meta(cfg, data, weights_hash(result.unet))
     if processes.is_main_process:
         save_model(run_dir / "model", result.unet, sampler, meta)
     processes.wait_for_everyone()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +32,8 @@ from sdpipe.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoi
 from sdpipe.train.recipe import Loss, make_objective
 from sdpipe.train.trackers import accelerator_tracking, finish_trackers, start_trackers
 from sdpipe.train.validation import EarlyStopping, validation_loss
+
+T = TypeVar("T")
 
 # Test hook, not a user setting: called with each step number; True makes that step's loss NaN.
 NONFINITE_HOOK: Callable[[int], bool] | None = None
@@ -74,6 +77,7 @@ def train(
     progress: Callable[[int, dict], None] | None = None,
     resume: bool = False,
     validation: Dataset | None = None,
+    evaluator: Callable[[UNet2DModel], dict] | None = None,
 ) -> TrainResult:
     """Train a model on `data` as `cfg` says; writes checkpoints and `metrics.jsonl` under `run_dir`.
 
@@ -81,7 +85,8 @@ def train(
     state restored, so it ends with the weights an uninterrupted run would have had (same machine and
     thread count). With `validation` data and `train.validate_every`, the validation loss of the EMA weights
     is logged, the best validation's checkpoint is kept, training may stop early, and the returned model is
-    the best one."""
+    the best one. With an `evaluator` and `train.eval_every`, it is called on the EMA weights (in eval mode)
+    every that many steps and its numbers are logged as `evaluation` events."""
     t_cfg = cfg.train
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +206,12 @@ def train(
                 events.append(event)
                 log.write(json.dumps(event) + "\n")
                 accelerator.log({"val_loss": value}, step=step)
+            if evaluator is not None and t_cfg.eval_every and step % t_cfg.eval_every == 0:
+                scores = _with_ema(accelerator.unwrap_model(unet), ema, evaluator)
+                event = {"step": step, "event": "evaluation", **scores}
+                events.append(event)
+                log.write(json.dumps(event) + "\n")
+                accelerator.log(scores, step=step)
             checkpoint_due = step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps or is_best
             if accelerator.is_main_process and (checkpoint_due or stopper.should_stop):
                 log.flush()
@@ -245,15 +256,23 @@ def _validator(
     x_val = to_model_range(validation.images, validation.value_range)
     y_val = torch.as_tensor(validation.labels)
 
-    def run() -> float:
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-        try:
-            return validation_loss(unet, loss_fn, x_val.to(unet.device), y_val.to(unet.device), seed=cfg.train.seed)
-        finally:
-            ema.restore(unet.parameters())
+    def run(model: UNet2DModel) -> float:
+        return validation_loss(model, loss_fn, x_val.to(model.device), y_val.to(model.device), seed=cfg.train.seed)
 
-    return run
+    return lambda: _with_ema(unet, ema, run)
+
+
+def _with_ema(unet: UNet2DModel, ema: EMAModel, fn: Callable[[UNet2DModel], T]) -> T:
+    """`fn(unet)` with the EMA weights swapped in and the model in eval mode; the training state is put back."""
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    was_training = unet.training
+    unet.eval()
+    try:
+        return fn(unet)
+    finally:
+        unet.train(was_training)
+        ema.restore(unet.parameters())
 
 
 @dataclass
