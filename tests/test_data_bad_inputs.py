@@ -228,3 +228,14 @@ def test_out_inside_the_source_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["data", "validate", str(tmp_path), "--out", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 2 and "inside the source" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_errors_name_the_bad_input(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(app, ["data", "validate", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "-q"])
+    assert missing.exit_code == 2 and "no such file or folder" in missing.output
+    kind = runner.invoke(app, ["data", "validate", str(tmp_path), "--out", str(tmp_path / "o"), "--kind", "zip"])
+    assert kind.exit_code == 2 and "one of folder" in kind.output
+    (tmp_path / "x.npz").write_bytes(b"not an npz")
+    bad = runner.invoke(app, ["data", "validate", str(tmp_path / "x.npz"), "--out", str(tmp_path / "o2"), "-q"])
+    assert bad.exit_code == 2 and "cannot read arrays" in bad.output

@@ -42,7 +42,7 @@ def validate(
         cfg = load_config(config, set_).data
         report = run_validate(source, out, cfg, kind=kind, show_progress=not quiet)
     except (ConfigError, SourceError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     print_summary(report, out_console, out)
     if strict and report["quarantined"]:

@@ -16,8 +16,10 @@ SHOW = 20  # rows of each list on the terminal
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    (out / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (out / "report.html").write_text(_html(report))
+    tmp = out / (REPORT + ".writing")  # report.json last and whole: its presence means validation finished
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(out / REPORT)
 
 
 def _counts_line(r: dict[str, Any]) -> str:

@@ -142,6 +142,7 @@ def validate(
     _check_out_dir(source, out)
     src = open_source(kind, source, cfg)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").unlink(missing_ok=True)  # written last: no report, no trusted data
     partial = out / (MANIFEST + ".partial")
     state = _Pass1()
     writer = RowWriter(partial)
@@ -284,7 +285,8 @@ def _write_manifest(
     ident = DatasetId()
     by_class: Counter = Counter()
     by_split: Counter = Counter()
-    writer = RowWriter(final)
+    writing = final.with_name(final.name + ".writing")  # renamed when complete: never a half manifest
+    writer = RowWriter(writing)
     for i, row in enumerate(iter_rows(partial)):
         if keep[i] != i:
             continue
@@ -295,6 +297,7 @@ def _write_manifest(
         ident.add(row)
         writer.add(row)
     writer.close()
+    os.replace(writing, final)
     counts = {"class": {n: by_class[n] for n in class_names} if class_names else {}, "split": dict(by_split)}
     return ident.hexdigest(), counts
 
