@@ -172,6 +172,19 @@ def test_a_folder_left_by_a_killed_registration_is_replaced(reg: Registry, tmp_p
     assert reg.verify("digits:1").content_hash == v.content_hash
 
 
+def test_stale_incoming_copies_are_cleaned_up(reg: Registry, tmp_path: Path) -> None:
+    import os
+    import time
+
+    stale, fresh = reg.store / ".incoming" / "v-killed", reg.store / ".incoming" / "v-in-progress"
+    for leftover in (stale, fresh):
+        (leftover / "unet").mkdir(parents=True)
+    day_ago = time.time() - store_module.STALE_S - 60
+    os.utime(stale, (day_ago, day_ago))
+    reg.register(make_model(tmp_path / "a" / "model", 0), "digits")
+    assert not stale.exists() and fresh.exists()  # another registration may be copying into a fresh one
+
+
 def test_alias_and_rollback_follow_the_alias_history(reg: Registry, tmp_path: Path) -> None:
     for seed in range(3):
         reg.register(make_model(tmp_path / f"m{seed}" / "model", seed), "digits")

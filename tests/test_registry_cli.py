@@ -51,6 +51,12 @@ def test_register_alias_rollback_show_list_history(tmp_path: Path) -> None:
     assert "rollback" in invoke("history", env=env).stdout
     verified = invoke("verify", "digits@production", env=env)
     assert verified.exit_code == 0 and "is intact" in verified.stdout
+    stored = Path(shown["path"]) / "scheduler" / "scheduler_config.json"
+    stored.parent.chmod(0o755)  # as an owner could (root ignores the read-only bits anyway)
+    stored.chmod(0o644)
+    stored.write_text(stored.read_text().replace("}", ', "edited": true}'))
+    tampered = invoke("verify", "digits@production", env=env)
+    assert tampered.exit_code == 1 and "changed since registration" in tampered.stderr
 
 
 @pytest.mark.parametrize(
