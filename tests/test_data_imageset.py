@@ -39,6 +39,10 @@ def test_digits_split_is_the_demo_data_bit_for_bit() -> None:
     assert torch.equal(gen.get_state(), state), "no random preprocessing: the generator must not be touched"
     assert torch.equal(x, to_model_range(data.images, data.value_range)[idx])
     assert torch.equal(y, torch.as_tensor(data.labels)[idx]) and y.dtype == torch.int64
+    s._in_memory = None  # the decode-and-preprocess path gives the same numbers as the in-memory one
+    assert torch.equal(s.batch(idx, gen)[0], x)
+    rgb = open_split(DataConfig(channels="rgb"), "train")
+    assert rgb.image_shape == (3, 8, 8) and torch.equal(rgb.batch(idx, gen)[0], x.expand(-1, 3, -1, -1))
 
 
 def test_digits_validation_split_is_disjoint_by_content() -> None:

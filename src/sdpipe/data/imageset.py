@@ -45,8 +45,10 @@ class ImageSet:
         preprocess: Preprocess,
         stored_size: tuple[int, int],
         workers: int = 1,
+        in_memory: np.ndarray | None = None,
     ) -> None:
         self._reader, self._labels = reader, labels
+        self._in_memory = in_memory  # (N, C, H, W) as stored: used when preprocessing changes nothing
         self.class_names, self.value_range, self.dataset_id = class_names, value_range, dataset_id
         self.preprocess = preprocess
         h, w = preprocess.output_size(*stored_size)
@@ -63,6 +65,14 @@ class ImageSet:
 
         Draws one seed per sample from `gen` (only when cropping or flipping at random), then decodes only
         `indices[select]` (e.g. one process's slice) with the same draws as the whole batch would use."""
+        if (
+            self._in_memory is not None
+            and self._in_memory.shape[1:] == self.image_shape
+            and not self.preprocess.is_random
+        ):
+            chosen_idx = indices[select] if select is not None else indices
+            x = to_model_range(self._in_memory[chosen_idx.numpy()], self.value_range)
+            return x, torch.as_tensor(self._labels[chosen_idx.numpy()], dtype=torch.int64)
         idx = [int(i) for i in indices]
         seeds = torch.randint(0, 2**62, (len(idx),), generator=gen).tolist() if self.preprocess.is_random else None
         chosen = range(len(idx))[select] if select is not None else range(len(idx))
@@ -115,7 +125,10 @@ def _digits_split(cfg: DataConfig, split: str) -> ImageSet:
     keep = [i for i, im in enumerate(images) if assign_split(pixel_digest(im), cfg.validation_fraction) == split]
     images, labels = images[keep], data.labels[keep]
     pp = _preprocess(cfg, 1)
-    return ImageSet(images.__getitem__, labels, data.class_names, data.value_range, data.dataset_id, pp, (8, 8))
+    return ImageSet(
+        images.__getitem__, labels, data.class_names, data.value_range, data.dataset_id, pp, (8, 8),
+        in_memory=data.images[keep] if pp.resolution is None else None,
+    )  # fmt: skip
 
 
 def _manifest_split(cfg: DataConfig, out: Path, split: str) -> ImageSet:
