@@ -322,5 +322,8 @@ def test_bad_aliases_and_versions_are_refused(reg: Registry, alias: str, version
 def test_bad_url_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="cannot open the registry"):
         Registry("nosuchdb://whatever")
-    with pytest.raises(RegistryError, match="cannot open the registry"):
+    with pytest.raises(RegistryError, match="cannot open the registry") as info:
         Registry("postgresql+nosuchdriver://user:secret@localhost/db")
+    assert "secret" not in str(info.value)
+    with pytest.raises(RegistryError, match=r"at mysql\+mysqldb:.*No module named .*install it"):
+        Registry("mysql+mysqldb://user@localhost/db")  # a known driver that is not installed

@@ -44,8 +44,11 @@ class Registry:
         self.store = Path(store) if store is not None else default_store(self.url)
         try:
             self.engine = open_engine(self.url)
-        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, sa.exc.OperationalError) as exc:
-            raise RegistryError(f"cannot open the registry at {self.display_url}: {exc}") from None
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, sa.exc.DBAPIError) as exc:
+            reason = getattr(exc, "orig", None) or exc  # the database's own words, without SQLAlchemy's wrapping
+            raise RegistryError(f"cannot open the registry at {self.display_url}: {reason}") from None
+        except ImportError as exc:  # a known database whose driver is not installed
+            raise RegistryError(f"cannot open the registry at {self.display_url}: {exc} (install it)") from None
 
     @property
     def display_url(self) -> str:
@@ -64,7 +67,7 @@ class Registry:
         meta, weights = _checked_weights_hash(model_dir)
         existing = self._by_weights(name, weights)
         if existing is not None:
-            self._log("register", name, existing.version, detail={"existing": True, "source": str(model_dir)})
+            self._log("register", name, existing.version, detail={"existing": True, "source": str(model_dir.resolve())})
             return existing
         lineage = _lineage(model_dir, meta, metrics)
         source_hash = files.content_hash(model_dir)
