@@ -80,7 +80,7 @@ class ImageSet:
         pixels = list(self._pool.map(self._one, jobs) if self._pool else map(self._one, jobs))
         if not pixels:
             return torch.zeros((0, *self.image_shape)), torch.zeros(0, dtype=torch.int64)
-        x = to_model_range(np.stack(pixels), self.value_range)
+        x = to_model_range(torch.from_numpy(np.stack(pixels)), self.value_range)  # uint8 -> float in torch: fast
         y = torch.as_tensor(self._labels[[idx[j] for j in chosen]], dtype=torch.int64)
         return x, y
 
@@ -203,13 +203,14 @@ class _ManifestReader:
     """Sample i's pixels from the source, checked against the sha256 the manifest recorded."""
 
     def __init__(self, kind: str, source: str, table: Any, cfg: DataConfig, image_column: str | None) -> None:
-        self.kind, self.source, self.table, self.cfg = kind, source, table, cfg
+        self.kind, self.source, self.cfg = kind, source, cfg
+        self.columns = [table[c].combine_chunks() for c in ("file", "member", "sha256")]  # one chunk: fast [i]
         self.image_column = image_column or cfg.image_column
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()  # container readers (tar, Arrow) are not shared between threads
 
     def __call__(self, i: int) -> np.ndarray:
-        file, member, sha = (self.table[c][i].as_py() for c in ("file", "member", "sha256"))
+        file, member, sha = (column[i].as_py() for column in self.columns)
         if self.kind == "arrays":
             arr = np.ascontiguousarray(self._arrays()[int(member)])
             raw = f"{arr.dtype}{arr.shape}".encode() + arr.tobytes()
