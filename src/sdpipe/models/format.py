@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save as safetensors_bytes
 
 FORMAT_VERSION = 1
+# diffusers' from_pretrained builds the model under accelerate's init_empty_weights, which patches
+# torch.nn.Module for the whole process: two loads in two threads at once can leave a model on the "meta"
+# device, so loads (a server swapping models, a registry checking one) take turns
+_LOAD_LOCK = threading.Lock()
 
 
 class ModelMeta(BaseModel):
@@ -95,7 +100,8 @@ def load_model(path: str | Path) -> LoadedModel:
         if not (path / part).exists():
             raise FileNotFoundError(f"{path} is not an sdpipe model: {part} is missing")
     meta = ModelMeta.model_validate_json((path / "sdpipe.json").read_text())
-    unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+    with _LOAD_LOCK:
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
     unet.eval().requires_grad_(False)
     sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return LoadedModel(path, unet, sched_cfg, meta)

@@ -12,7 +12,6 @@ import builtins
 import json
 import os
 import random
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +30,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 RETRIES = 30
-# diffusers' from_pretrained builds the model under accelerate's init_empty_weights, which patches torch.nn.Module
-# for the whole process: two loads in two threads at once can leave later models on the "meta" device
-LOAD_LOCK = threading.Lock()
 
 
 class Registry:
@@ -217,8 +213,7 @@ class Registry:
         from sdpipe.models import load_model, weights_hash
 
         version = self.show(ref)
-        with LOAD_LOCK:
-            loaded = load_model(self.path(version.ref))
+        loaded = load_model(self.path(version.ref))  # loads take turns (see sdpipe.models.format)
         found = weights_hash(loaded.unet)
         if found != version.weights_hash:
             raise RegistryError(
@@ -323,8 +318,7 @@ def _checked_weights_hash(model_dir: Path) -> tuple[dict[str, Any], str]:
     from sdpipe.models import load_model, weights_hash
 
     try:
-        with LOAD_LOCK:
-            loaded = load_model(model_dir)
+        loaded = load_model(model_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise RegistryError(f"cannot register {model_dir}: {exc}") from None
     found = weights_hash(loaded.unet)
