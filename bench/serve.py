@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -113,28 +115,68 @@ async def drive(url: str, clients: int, seconds: float, n: int, labels: int) -> 
     return tally, time.monotonic() - t0
 
 
-def report(name: str, tally: Tally, wall: float, rss: tuple[float, float]) -> float:
+def report(name: str, tally: Tally, wall: float, rss: list[float]) -> dict:
     lat = np.array(tally.latencies) * 1000 if tally.latencies else np.array([float("nan")])
-    ok = tally.statuses.get(200, 0)
-    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(tally.statuses.items(), key=str))
+    result = {
+        "run": name,
+        "requests_per_s": tally.statuses.get(200, 0) / wall,
+        "images_per_s": tally.images / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "statuses": {str(k): v for k, v in sorted(tally.statuses.items(), key=str)},
+        "rss_mib": [round(r, 1) for r in rss],  # at start, every tenth of the run, at end
+    }
+    statuses = ", ".join(f"{k}: {v}" for k, v in result["statuses"].items())
     print(
-        f"{name:<22} {ok / wall:8.2f} req/s {tally.images / wall:8.1f} img/s   p50 {np.percentile(lat, 50):7.0f} ms"
-        f"   p99 {np.percentile(lat, 99):7.0f} ms   statuses {{{statuses}}}   RSS {rss[0]:.0f} -> {rss[1]:.0f} MiB",
+        f"{name:<22} {result['requests_per_s']:8.2f} req/s {result['images_per_s']:8.1f} img/s"
+        f"   p50 {result['p50_ms']:7.0f} ms   p99 {result['p99_ms']:7.0f} ms"
+        f"   statuses {{{statuses}}}   server RSS {rss[0]:.0f} -> {rss[-1]:.0f} MiB (max {max(rss):.0f})",
         flush=True,
     )
-    return ok / wall
+    return result
 
 
-def run(model: str, settings: list[str], clients: int, seconds: float, n: int, labels: int, name: str) -> float:
+def run(model: str, settings: list[str], clients: int, seconds: float, n: int, labels: int, name: str) -> dict:
     server = Server(model, settings)
     try:
         server.wait_ready()
         asyncio.run(drive(server.url, min(clients, 2), 2.0, n, labels))  # warm-up, not counted
-        rss0 = rss_mib(server.proc.pid)
+        samples: list[float] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=sample_rss, args=(server.proc.pid, seconds / 10, samples, stop))
+        sampler.start()
         tally, wall = asyncio.run(drive(server.url, clients, seconds, n, labels))
-        return report(name, tally, wall, (rss0, rss_mib(server.proc.pid)))
+        stop.set()
+        sampler.join()
+        samples.append(rss_mib(server.proc.pid))
+        return report(name, tally, wall, samples) | server_stats(server.url)
     finally:
         server.stop()
+
+
+def server_stats(url: str) -> dict:
+    """Batching as the server saw it, from its /metrics (warm-up included)."""
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if not line.startswith("#") and " " in line:
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    batches = max(values.get("sdpipe_batch_requests_count", 0), 1)
+    micro = max(values.get("sdpipe_micro_batches_total", 0), 1)
+    stats = {
+        "requests_per_batch": values.get("sdpipe_batch_requests_sum", 0) / batches,
+        "micro_batches_per_batch": micro / batches,
+        "rows_used_per_micro_batch": values.get("sdpipe_micro_batch_rows_used_total", 0) / micro,
+    }
+    print("    server: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in stats.items()), flush=True)
+    return stats
+
+
+def sample_rss(pid: int, every_s: float, samples: list[float], stop: threading.Event) -> None:
+    """The server's RSS now and every `every_s` seconds until `stop` is set."""
+    samples.append(rss_mib(pid))
+    while not stop.wait(every_s):
+        samples.append(rss_mib(pid))
 
 
 def main() -> None:
@@ -144,24 +186,34 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30, help="length of each measured run")
     p.add_argument("--n", type=int, default=1, help="images per request")
     p.add_argument("--labels", type=int, default=10, help="labels are drawn from 0..LABELS-1")
-    p.add_argument("--max-wait-ms", type=float, default=10, help="batching window")
+    p.add_argument("--max-wait-ms", type=float, help="batching window (default: the server's)")
     p.add_argument("--overload-clients", type=int, default=64, help="clients of the overload run (0: skip it)")
     p.add_argument("--overload-queue", type=int, default=8, help="queue size of the overload run")
     p.add_argument("--soak-seconds", type=float, default=0, help="length of the soak run (0: skip it)")
+    p.add_argument("--set", dest="server_set", action="append", default=[], help="server setting for every run")
+    p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--skip-off", action="store_true", help="skip the one-request-at-a-time run")
     a = p.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    print(f"model {a.model}; {a.clients} clients x {a.seconds:g} s; {a.n} image(s) per request; {os.cpu_count()} CPUs")
-    on = run(a.model, [f"max_wait_ms={a.max_wait_ms}"], a.clients, a.seconds, a.n, a.labels, "batching on")
+    print(f"model {a.model}; {a.clients} clients x {a.seconds:g} s; {a.n} image(s)/request; settings {a.server_set}")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    extra, load = a.server_set, (a.clients, a.seconds, a.n, a.labels)
+    if a.max_wait_ms is not None:
+        extra = [*extra, f"max_wait_ms={a.max_wait_ms}"]
+    results = [run(a.model, extra, *load, "batching on")]
     if not a.skip_off:
-        off = run(a.model, ["max_batch=1", "max_wait_ms=0"], a.clients, a.seconds, a.n, a.labels, "batching off")
-        print(f"batching speed-up: {on / off:.1f}x the throughput of one request at a time")
+        results.append(run(a.model, [*extra, "max_batch=1", "max_wait_ms=0"], *load, "batching off"))
+        speedup = results[0]["requests_per_s"] / max(results[1]["requests_per_s"], 1e-9)
+        print(f"batching speed-up: {speedup:.1f}x the throughput of one request at a time")
+    overload = [*extra, f"queue_size={a.overload_queue}"]
     if a.overload_clients:
-        settings = [f"queue_size={a.overload_queue}", f"max_wait_ms={a.max_wait_ms}"]
-        run(a.model, settings, a.overload_clients, a.seconds, a.n, a.labels, f"overload ({a.overload_clients} cl.)")
+        load = (a.overload_clients, a.seconds, a.n, a.labels)
+        results.append(run(a.model, overload, *load, f"overload ({a.overload_clients} cl.)"))
     if a.soak_seconds:
-        settings = [f"queue_size={a.overload_queue}", f"max_wait_ms={a.max_wait_ms}"]
-        run(a.model, settings, a.overload_clients or a.clients, a.soak_seconds, a.n, a.labels, "soak")
+        load = (a.overload_clients or a.clients, a.soak_seconds, a.n, a.labels)
+        results.append(run(a.model, overload, *load, "soak"))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

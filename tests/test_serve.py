@@ -39,9 +39,9 @@ TINY = [
 ]
 
 
-def make_model(path: Path, seed: int = 0, scale: float = 1.0) -> Path:
+def make_model(path: Path, seed: int = 0, scale: float = 1.0, micro_batch: int = 8) -> Path:
     """A tiny class-conditional model with random weights (seed), saved in the sdpipe format."""
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, [*TINY, f"sample.micro_batch={micro_batch}"])
     torch.manual_seed(seed)
     unet = build_unet(cfg.model, sample_size=8, channels=1, num_classes=10)
     with torch.no_grad():
@@ -205,19 +205,28 @@ def test_malformed_bodies_get_422(client: TestClient) -> None:
         assert r.status_code == 422, (content, r.text)
 
 
+class Hold:
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def set(self) -> None:
+        self.release.set()
+
+
 @pytest.fixture
-def held_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Batches wait until the event is set: lets a test fill the queue deterministically."""
-    release = threading.Event()
+def held_worker(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hold]:
+    """Batches wait until `release` is set (`entered` says one is waiting): lets a test fill the queue."""
+    hold = Hold()
     real = batching.run_jobs
 
     def slow_run_jobs(*args, **kwargs) -> None:
-        release.wait(30)
+        hold.entered.set()
+        hold.release.wait(30)
         real(*args, **kwargs)
 
     monkeypatch.setattr(batching, "run_jobs", slow_run_jobs)
-    yield release
-    release.set()
+    yield hold
+    hold.set()
 
 
 def _wait_depth(app, depth: int) -> None:
@@ -227,12 +236,12 @@ def _wait_depth(app, depth: int) -> None:
         time.sleep(0.01)
 
 
-def test_full_queue_gets_429_with_retry_after(model_a: Path, held_worker: threading.Event) -> None:
+def test_full_queue_gets_429_with_retry_after(model_a: Path, held_worker: Hold) -> None:
     app = create_app(lambda: model_a, ServeSettings(max_batch=1, max_wait_ms=0, queue_size=2))
     with TestClient(app) as c, ThreadPoolExecutor(3) as pool:
         wait_ready(c)
-        first = pool.submit(c.post, "/v1/generate", json={"n": 1, "seed": 1})  # taken by the held worker
-        time.sleep(0.3)
+        first = pool.submit(c.post, "/v1/generate", json={"n": 1, "seed": 1})
+        assert held_worker.entered.wait(10)  # the first request is with the worker, which is held
         queued = [pool.submit(c.post, "/v1/generate", json={"n": 1, "seed": s}) for s in (2, 3)]
         _wait_depth(app, 2)
         r = c.post("/v1/generate", json={"n": 1, "seed": 4})
@@ -242,12 +251,12 @@ def test_full_queue_gets_429_with_retry_after(model_a: Path, held_worker: thread
         assert "sdpipe_rejected_total 1.0" in c.get("/metrics").text
 
 
-def test_request_timeout_gets_503_and_is_dropped(model_a: Path, held_worker: threading.Event) -> None:
-    app = create_app(lambda: model_a, ServeSettings(max_batch=1, max_wait_ms=0, timeout_s=0.3))
+def test_request_timeout_gets_503_and_is_dropped(model_a: Path, held_worker: Hold) -> None:
+    app = create_app(lambda: model_a, ServeSettings(max_batch=1, max_wait_ms=0, timeout_s=1.0))
     with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
         wait_ready(c)
         first = pool.submit(c.post, "/v1/generate", json={"n": 1, "seed": 1})
-        time.sleep(0.1)
+        assert held_worker.entered.wait(10)
         r = c.post("/v1/generate", json={"n": 1, "seed": 2})
         assert r.status_code == 503 and "not answered within" in r.json()["detail"]
         assert first.result(30).status_code == 503
@@ -376,3 +385,22 @@ def test_admin_reload_swaps_at_once(model_a: Path, model_b: Path, tmp_path: Path
         r = c.post("/admin/reload")
         assert r.status_code == 503 and f"still serving {hash_b}" in r.json()["detail"]
         assert c.post("/v1/generate", json={"n": 1}).status_code == 200
+
+
+def test_moving_a_registry_alias_swaps_the_served_model(model_a: Path, model_b: Path, tmp_path: Path) -> None:
+    from sdpipe.registry import Registry
+    from sdpipe.serve.holder import model_resolver
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = Registry(url)
+    one, two = registry.register(model_a, "tiny"), registry.register(model_b, "tiny")
+    registry.alias("tiny", "production", one.version)
+    with TestClient(create_app(model_resolver("tiny@production", url), ServeSettings(poll_s=0.2))) as c:
+        wait_ready(c)
+        assert c.post("/v1/generate", json={"n": 1}).json()["model"] == one.weights_hash
+        registry.alias("tiny", "production", two.version)
+        deadline = time.monotonic() + 20
+        while c.get("/readyz").json()["model"] != two.weights_hash:
+            assert time.monotonic() < deadline, "moving the alias never swapped the model"
+            time.sleep(0.05)
+        assert c.post("/v1/generate", json={"n": 1}).json()["model"] == two.weights_hash

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import signal
 import socket
 import subprocess
@@ -161,3 +162,22 @@ def test_openapi_fuzz_never_5xx(live_url: str) -> None:
             case.call_and_validate(checks=[not_a_server_error])
 
         no_server_error()
+
+
+@pytest.mark.slow
+def test_bench_batching_overload_and_short_soak(tmp_path: Path) -> None:
+    """bench/serve.py on a tiny model with 64-row micro-batches (as the demo model): batching at least 3x the
+    throughput of one request at a time with 16 clients, overload answered only with 200 and 429, flat memory."""
+    model = make_model(tmp_path / "model", seed=4, micro_batch=64)
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "bench" / "serve.py"), "--model", str(model)]
+    cmd += ["--clients", "16", "--seconds", "15", "--overload-clients", "48", "--overload-queue", "4"]
+    cmd += ["--soak-seconds", "90", "--json", str(out)]
+    subprocess.run(cmd, check=True, timeout=600)
+    on, off, overload, soak = json.loads(out.read_text())
+    assert on["requests_per_s"] >= 3 * off["requests_per_s"], (on, off)
+    for run in (on, off, overload, soak):
+        assert set(run["statuses"]) <= {"200", "429"}, run
+    assert "429" in overload["statuses"] and overload["statuses"]["200"] > 0
+    start, end = soak["rss_mib"][0], soak["rss_mib"][-1]
+    assert end - start < max(0.05 * start, 25), soak["rss_mib"]

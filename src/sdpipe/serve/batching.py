@@ -109,10 +109,15 @@ def run_rows(model: LoadedModel, rows: dict[int, Item], spec: SampleSpec) -> tor
     return denoise(model.unet, model.scheduler_config, noise, labels, meta.null_label, spec, gens)
 
 
-def generate_items(model: LoadedModel, items: list[Item], spec: SampleSpec) -> dict[Item, torch.Tensor]:
+def generate_items(
+    model: LoadedModel, items: list[Item], spec: SampleSpec, metrics: ServeMetrics | None = None
+) -> dict[Item, torch.Tensor]:
     """Each distinct image once, in packed micro-batches: image -> tensor in [-1, 1] (C, H, W)."""
     out: dict[Item, torch.Tensor] = {}
     for rows in pack_rows(list(dict.fromkeys(items)), spec.micro_batch):
+        if metrics is not None:
+            metrics.micro_batches.inc()
+            metrics.rows_used.inc(len(rows))
         x = run_rows(model, rows, spec).cpu()
         for r, item in rows.items():
             out[item] = x[r]
@@ -139,7 +144,7 @@ def run_jobs(model: LoadedModel, jobs: list[GenerateJob], metrics: ServeMetrics 
             job.future.set_exception(exc)
     for spec, members in groups.items():
         try:
-            images = generate_items(model, [it for _, items in members for it in items], spec)
+            images = generate_items(model, [it for _, items in members for it in items], spec, metrics)
             pngs = _encode(model, images, spec, metrics)
         except Exception as exc:  # a failed batch fails its requests, never the worker
             log.exception("batch of %d requests failed", len(members))

@@ -29,6 +29,8 @@ class ServeMetrics:
             "sdpipe_batch_requests", "Requests merged into one batch", buckets=sizes, registry=r
         )
         self.batch_seconds = Histogram("sdpipe_batch_seconds", "Time to run one batch", registry=r)
+        self.micro_batches = Counter("sdpipe_micro_batches", "Network runs (fixed-size micro-batches)", registry=r)
+        self.rows_used = Counter("sdpipe_micro_batch_rows_used", "Micro-batch rows holding an image", registry=r)
         self.queue_depth = Gauge("sdpipe_queue_depth", "Requests waiting for the worker", registry=r)
         self.rejected = Counter("sdpipe_rejected", "Requests refused because the queue was full (429)", registry=r)
         self.images = Counter("sdpipe_images_generated", "Images generated for requests", registry=r)

@@ -26,7 +26,7 @@ class ServeSettings(BaseModel):
     # dynamic batching: requests queued within max_wait_ms of the first are run together, up to max_batch
     # images (a larger request still runs, alone); max_batch=1 serves one request at a time
     max_batch: int = Field(default=64, ge=1, le=65536)
-    max_wait_ms: float = Field(default=10.0, ge=0, le=10_000)
+    max_wait_ms: float = Field(default=50.0, ge=0, le=10_000)
     # backpressure: at most queue_size requests wait; beyond that 429 with Retry-After
     queue_size: int = Field(default=64, ge=1, le=100_000)
     timeout_s: float = Field(default=60.0, gt=0, le=3600)  # a request not answered by then gets 503
