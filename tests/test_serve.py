@@ -26,7 +26,7 @@ from sdpipe.sampling import SampleSpec, make_scheduler, training_scheduler_confi
 from sdpipe.sampling.files import generate_files
 from sdpipe.serve import batching
 from sdpipe.serve.app import create_app
-from sdpipe.serve.batching import GenerateJob, pack_rows, run_jobs
+from sdpipe.serve.batching import Batcher, GenerateJob, QueueFull, pack_rows, run_jobs
 from sdpipe.serve.metrics import ServeMetrics
 from sdpipe.serve.settings import ServeSettings
 
@@ -249,6 +249,16 @@ def test_full_queue_gets_429_with_retry_after(model_a: Path, held_worker: Hold) 
         held_worker.set()
         assert [f.result(30).status_code for f in [first, *queued]] == [200, 200, 200]
         assert "sdpipe_rejected_total 1.0" in c.get("/metrics").text
+
+
+def test_requests_that_would_time_out_in_the_queue_get_429() -> None:
+    batcher = Batcher(ServeSettings(queue_size=100, timeout_s=15), lambda: None, ServeMetrics())  # not started
+    batcher._seconds_per_request = 10.0  # as measured on recent batches
+    batcher.submit(GenerateJob(n=1))
+    batcher.submit(GenerateJob(n=1))  # waits about 10 s: fine
+    with pytest.raises(QueueFull) as full:
+        batcher.submit(GenerateJob(n=1))  # would wait about 20 s, beyond the 15 s timeout
+    assert full.value.retry_after_s == 20 and batcher.depth() == 2
 
 
 def test_request_timeout_gets_503_and_is_dropped(model_a: Path, held_worker: Hold) -> None:

@@ -171,7 +171,9 @@ def _encode(
     x = torch.stack([images[it] for it in items])
     finite = torch.isfinite(x).flatten(1).all(dim=1).tolist()
     out = {}
-    for item, px, ok in zip(items, to_pixels(x, model.meta.value_range), finite, strict=True):
+    with np.errstate(invalid="ignore"):  # non-finite values are counted below, not warned about
+        pixels = to_pixels(x, model.meta.value_range)
+    for item, px, ok in zip(items, pixels, finite, strict=True):
         if metrics is not None and not ok:
             metrics.bad_images.labels("nonfinite").inc()
         elif metrics is not None and px.min() == px.max():
@@ -204,7 +206,7 @@ class Batcher:
         self._carry: deque[GenerateJob] = deque()  # taken from the queue but left for the next batch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdpipe-batcher", daemon=True)
-        self._seconds_per_request = 0.1  # moving average, for Retry-After
+        self._seconds_per_request = 0.0  # moving average of batch time per request (admission, Retry-After)
         metrics.queue_depth.set_function(self.depth)
 
     def start(self) -> None:
@@ -228,12 +230,15 @@ class Batcher:
         return self._queue.qsize() + len(self._carry)
 
     def submit(self, job: GenerateJob) -> None:
-        """Queue a job or raise `QueueFull`; the job's future completes when its batch has run."""
+        """Queue a job or raise `QueueFull`: when the queue is full, or when the jobs already waiting would
+        take longer than the request timeout (so overload is answered with 429s, not with timeouts)."""
+        wait = self.depth() * self._seconds_per_request
         try:
+            if wait > self.settings.timeout_s:
+                raise queue.Full
             self._queue.put_nowait(job)
         except queue.Full:
             self._metrics.rejected.inc()
-            wait = self.depth() * self._seconds_per_request
             raise QueueFull(max(1, round(wait + 0.5))) from None
 
     def _run(self) -> None:
@@ -282,4 +287,5 @@ class Batcher:
         self._metrics.batch_seconds.observe(seconds)
         self._metrics.batch_requests.observe(len(live))
         self._metrics.batch_images.observe(sum(j.n for j in live))
-        self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * seconds / len(live)
+        weight = 0.2 if self._seconds_per_request else 1.0
+        self._seconds_per_request += weight * (seconds / len(live) - self._seconds_per_request)
