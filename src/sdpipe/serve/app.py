@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -23,7 +23,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdpipe.config import SamplerName
-from sdpipe.sampling import SAMPLERS
 from sdpipe.sampling.files import parse_labels
 from sdpipe.serve.batching import Batcher, GenerateJob, InvalidRequest, QueueFull, sample_spec
 from sdpipe.serve.holder import ModelHolder, Resolver
@@ -193,7 +192,7 @@ def create_app(resolver: Resolver, settings: ServeSettings | None = None, api_ke
             "class_names": model.meta.class_names,
             "image_size": model.meta.image_size,
             "channels": model.meta.channels,
-            "samplers": list(SAMPLERS),
+            "samplers": list(get_args(SamplerName)),
             "defaults": {"sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance},
             "limits": limits | {"max_seed": MAX_SEED},
         }
