@@ -91,6 +91,7 @@ def test_evaluate_command_writes_metrics_and_report_and_repeats(
     assert a["features"]["name"].startswith("featnet-v1:") and a["dataset_id"] in a["features"]["name"]
     assert set(a["classifier"]["per_class"]) == {str(c) for c in range(10)}
     assert len(a["memorization"]["closest_pairs"]) == 8
+    assert isinstance(a["validation_loss"]["value"], float) and a["validation_loss"]["images"] > 0
     assert [(r["sampler"], r["steps"]) for r in a["steps_sweep"]] == [
         ("ddim", 2),
         ("ddim", 4),

@@ -9,14 +9,17 @@ Seeds are fixed and real-data features are cached, so two runs give the same num
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from sdpipe.config import EvaluateConfig
-from sdpipe.data import Dataset
+from sdpipe.config import ConfigError, EvaluateConfig, validate_config
+from sdpipe.data import Dataset, to_model_range
+from sdpipe.data.splits import assign_split
 from sdpipe.evaluate.features import (
     FeatureExtractor,
     FeatureNet,
@@ -32,6 +35,7 @@ from sdpipe.evaluate.run import evaluate_model, fit_judge, sample_and_score
 from sdpipe.models import LoadedModel
 from sdpipe.sampling import SampleSpec
 from sdpipe.sampling.files import pixels_to_source
+from sdpipe.train import make_objective, validation_loss
 
 DEFAULT_SAMPLERS = ["ddim", "dpmpp_2m", "unipc"]
 DEFAULT_STEPS = [5, 10, 20, 50]
@@ -106,6 +110,29 @@ def _sweep_row(row: dict) -> dict:
     return {k: row[k] for k in keys if k in row}
 
 
+def model_validation_loss(model: LoadedModel, data: Dataset) -> dict:
+    """The training loss at fixed noise (`sdpipe.train.validation_loss`) on the model's validation split of
+    `data` (by content hash, as training split it), or on all of `data` when the model was trained without one."""
+    try:
+        cfg = validate_config(model.meta.config)
+    except ConfigError as exc:
+        return {"value": None, "why": f"the model's saved config does not validate any more: {exc}"}
+    images, labels = data.images, data.labels
+    on = "all images: the model was trained without a validation split (data.validation_fraction = 0)"
+    if cfg.data.validation_fraction > 0:  # the same rule as sdpipe.pipeline.split_dataset
+        hashes = [hashlib.sha256(np.ascontiguousarray(im, dtype=np.float32).tobytes()).hexdigest() for im in images]
+        keep = np.array([assign_split(h, cfg.data.validation_fraction) == "validation" for h in hashes], dtype=bool)
+        images, labels = images[keep], labels[keep]
+        on = f"the validation split ({cfg.data.validation_fraction:.0%} by content hash)"
+    if len(images) == 0:
+        return {"value": None, "why": "the validation split is empty"}
+    loss_fn, _ = make_objective(cfg)
+    x0 = to_model_range(images, data.value_range)
+    y = torch.as_tensor(labels) if model.meta.class_names else None
+    value = validation_loss(model.unet, loss_fn, x0, y, seed=cfg.train.seed)
+    return {"value": value, "images": len(images), "on": on, "seed": cfg.train.seed}
+
+
 def run_evaluation(
     model: LoadedModel,
     data: Dataset,
@@ -169,7 +196,7 @@ def run_evaluation(
         "memorization": memo,
         "evaluation": evaluation,
         "steps_sweep": sweep,
-        "validation_loss": None,  # see docs/evaluation.md: waits for sdpipe.train's validation loss
+        "validation_loss": model_validation_loss(model, data),
         "inside": {"seeds": seeds, "labels": labels, "attention_layers": sorted(maps)},
         "timings_s": timings,
     }

@@ -112,8 +112,11 @@ def steps_plot(sweep: list[dict]) -> str:
         steps = [r["steps"] for r in rows]
         q.plot(steps, [r["fid"] for r in rows], marker="o", label=sampler)
         s.plot(steps, [r["images_per_s"] for r in rows], marker="o", label=sampler)
+    ticks = sorted({r["steps"] for r in sweep})
     for ax, name in ((q, "FID (lower is better)"), (s, "images/s")):
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(name)
     q.legend()
@@ -197,7 +200,7 @@ def write_evaluation_report(path: str | Path, *, title: str, metrics: dict, pict
         "<h2>The judge (guidance sweep)</h2>",
         _table(ev["guidance_sweep"], judge_keys),
         "<h2>Validation loss</h2>",
-        f"<p>{_fmt(metrics['validation_loss'])}</p>",
+        _validation_loss(metrics["validation_loss"]),
         "<h2>Denoising trajectory (the model's clean-image prediction after each step)</h2>",
         f'<img alt="trajectory" src="{trajectory_picture(pictures["trajectory"])}">',
         "<h2>Attention maps (attention each position receives, middle step)</h2>",
@@ -210,6 +213,12 @@ def write_evaluation_report(path: str | Path, *, title: str, metrics: dict, pict
         f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>",
     ]
     return _write_html(path, title, parts)
+
+
+def _validation_loss(v: dict) -> str:
+    if v.get("value") is None:
+        return f"<p>not measured: {_fmt(v.get('why'))}</p>"
+    return f"<p>{_fmt(v['value'])} on {_fmt(v['images'])} images, {_fmt(v['on'])}, noise seed {_fmt(v['seed'])}</p>"
 
 
 def _write_html(path: str | Path, title: str, parts: list[str]) -> Path:
