@@ -161,6 +161,11 @@ def evaluate(
         raise _fail(str(exc)) from None
     for warning in metrics.get("warnings", []):
         err_console.print(f"[yellow]warning:[/] {warning}")
+    d = metrics["evaluation"]["default"]
+    out_console.print(
+        f"FID {d['fid']:.4g}, KID {d['kid_mean']:.3g} ± {d['kid_std']:.2g}, precision {d['precision']:.3f}, "
+        f"recall {d['recall']:.3f} in features {metrics['features']['name']}"
+    )
     _print_summary(metrics, out)
 
 
