@@ -143,3 +143,18 @@ def test_split_and_caption_from_metadata_jsonl(tmp_path) -> None:
     }
     assert got == {"0.png": ("train", None), "1.png": ("validation", "one"), "2.png": ("test", None)}
     assert report["split_counts"] == {"train": 1, "validation": 1, "test": 1}
+
+
+def test_many_equal_perceptual_hashes_are_one_group_quickly() -> None:
+    import time
+
+    import numpy as np
+
+    from sdpipe.data.duplicates import near_duplicate_groups
+
+    hashes = np.zeros(20_000, dtype=np.uint64)  # e.g. near-blank images: all the same hash
+    hashes[::2] = np.uint64(1)  # one bit away
+    start = time.perf_counter()
+    groups, unchecked = near_duplicate_groups(hashes, max_bits=1)
+    assert time.perf_counter() - start < 5
+    assert len(groups) == 1 and len(groups[0]) == 20_000 and unchecked == 0

@@ -34,11 +34,22 @@ def keepers(pixel_keys: np.ndarray, split_codes: np.ndarray) -> np.ndarray:
 
 def near_duplicate_groups(phashes: np.ndarray, max_bits: int) -> tuple[list[list[int]], int]:
     """Groups (row indices, each of 2+) whose perceptual hashes are within `max_bits` (<= 3) of each other,
-    linked transitively; and the number of rows in buckets too large to compare.
+    linked transitively; and the number of distinct hashes in buckets too large to compare.
 
-    Two 64-bit hashes within 3 bits agree on at least one of their four 16-bit quarters (pigeonhole), so
-    only rows sharing a quarter are compared."""
-    n = len(phashes)
+    Rows with equal hashes are grouped directly; distinct hashes within 3 bits agree on at least one of their
+    four 16-bit quarters (pigeonhole), so only hashes sharing a quarter are compared."""
+    uniq, inverse = np.unique(phashes, return_inverse=True)
+    roots, too_big = _linked(uniq, max_bits)
+    row_roots = roots[inverse.reshape(-1)]
+    order = np.argsort(row_roots, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, row_roots[order][1:] != row_roots[order][:-1], True])
+    groups = [order[s:e].tolist() for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e - s > 1]
+    return groups, too_big
+
+
+def _linked(hashes: np.ndarray, max_bits: int) -> tuple[np.ndarray, int]:
+    """For distinct hashes, the root of each one's group (union-find) and the count left uncompared."""
+    n = len(hashes)
     parent = np.arange(n)
 
     def root(i: int) -> int:
@@ -49,7 +60,7 @@ def near_duplicate_groups(phashes: np.ndarray, max_bits: int) -> tuple[list[list
 
     too_big = 0
     for quarter in range(4):
-        keys = (phashes >> np.uint64(16 * quarter)) & np.uint64(0xFFFF)
+        keys = (hashes >> np.uint64(16 * quarter)) & np.uint64(0xFFFF)
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         bounds = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1], True])
@@ -60,15 +71,10 @@ def near_duplicate_groups(phashes: np.ndarray, max_bits: int) -> tuple[list[list
                 too_big += int(e - s)
                 continue
             idx = order[s:e]
-            h = phashes[idx]
+            h = hashes[idx]
             for j in range(len(idx) - 1):
-                close = np.flatnonzero(np.bitwise_count(h[j] ^ h[j + 1 :]) <= max_bits)
-                for k in close:
+                for k in np.flatnonzero(np.bitwise_count(h[j] ^ h[j + 1 :]) <= max_bits):
                     a, b = root(int(idx[j])), root(int(idx[j + 1 + k]))
                     if a != b:
                         parent[max(a, b)] = min(a, b)
-    roots = np.array([root(i) for i in range(n)], dtype=np.int64)
-    order = np.argsort(roots, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, roots[order][1:] != roots[order][:-1], True])
-    groups = [order[s:e].tolist() for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e - s > 1]
-    return groups, too_big
+    return np.array([root(i) for i in range(n)], dtype=np.int64), too_big
