@@ -145,6 +145,7 @@ def test_every_bad_input_is_quarantined_or_converted_with_its_reason(tmp_path: P
     assert report["files_seen"] == report["accepted"] + len(report["quarantined"]) + len(report["skipped"])
     converted = [n for n, w in expected.items() if w.startswith("converted")]
     accepted = [n for n, w in expected.items() if w == "accepted"]
+    assert report["converted_total"] == len(converted) and report["conversions"]["CMYK converted to RGB"] == 1
     rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
     assert sorted(Path(r["path"]).name for r in rows) == sorted(converted + accepted)
     modes = {Path(r["path"]).name: r["mode"] for r in rows}

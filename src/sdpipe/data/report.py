@@ -32,7 +32,7 @@ def _counts_line(r: dict[str, Any]) -> str:
 def print_summary(r: dict[str, Any], console: Console, out: Path) -> None:
     console.print(f"[bold]{r['source']}[/] ({r['kind']}): {_counts_line(r)}", highlight=False)
     console.print(
-        f"dataset_id {r['dataset_id']}  splits {r['split_counts']}  {len(r['converted'])} converted, "
+        f"dataset_id {r['dataset_id']}  splits {r['split_counts']}  {r['converted_total']} converted, "
         f"{len(r['duplicate_groups'])} duplicate groups, {len(r['leaks'])} leaks, "
         f"{len(r['near_duplicate_groups'])} near-duplicate groups  ({r['files_per_s']:.0f} files/s)",
         highlight=False,
@@ -72,6 +72,7 @@ def _html(r: dict[str, Any]) -> str:
         f"<p>classes: {e(json.dumps(r['class_counts']))}</p>",
         _list("Quarantined", r["quarantined"], reason),
         _list("Skipped", r["skipped"], reason),
+        f"<p>conversions: {e(json.dumps(r['conversions']))}</p>",
         _list("Converted", r["converted"], lambda x: f"<code>{e(x['path'])}</code>: {e('; '.join(x['notes']))}"),
         _list("Duplicate groups (identical pixels)", r["duplicate_groups"], group),
         _list("Leaks (same pixels in two splits)", r["leaks"], lambda x: group([x["path"], x["same_as"]])),

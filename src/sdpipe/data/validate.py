@@ -30,6 +30,8 @@ from sdpipe.data.readers import Decoded, Rejected, array_pixels, decode_image
 from sdpipe.data.sources import Item, SourceError, detect_kind, open_source
 from sdpipe.data.splits import assign_split
 
+LISTED = 1000  # converted files listed by name in the report (all are marked in the manifest)
+
 
 @dataclass
 class Outcome:
@@ -114,7 +116,9 @@ class _Pass1:
     files_seen: int = 0
     quarantined: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
-    converted: list[dict] = field(default_factory=list)
+    converted: list[dict] = field(default_factory=list)  # the first LISTED; every one is in the manifest
+    conversions: Counter = field(default_factory=Counter)  # how many of each kind of conversion
+    converted_total: int = 0
     modes: Counter = field(default_factory=Counter)
     sizes: Counter = field(default_factory=Counter)
 
@@ -184,7 +188,10 @@ def _record(o: Outcome, state: _Pass1, writer: RowWriter, fraction: float) -> No
     assert d is not None and o.pixel_sha256 is not None
     split = item.split or assign_split(o.pixel_sha256, fraction)
     if d.notes:
-        state.converted.append({"path": item.path, "notes": d.notes})
+        state.converted_total += 1
+        if len(state.converted) < LISTED:
+            state.converted.append({"path": item.path, "notes": d.notes})
+        state.conversions.update(note.split(" (")[0] for note in d.notes)
     state.pixel_keys.append(int(o.pixel_sha256[:16], 16))
     state.split_codes.append(split_code(split))
     state.phashes.append(o.phash)
@@ -251,6 +258,8 @@ def _finish(partial: Path, out: Path, state: _Pass1, class_names: list[str] | No
         "quarantined": state.quarantined,
         "skipped": state.skipped,
         "converted": state.converted,
+        "converted_total": state.converted_total,
+        "conversions": dict(state.conversions.most_common()),
         "duplicate_groups": list(dup_groups.values()),
         "leaks": leaks,
         "near_duplicate_groups": [[paths[i] for i in g] for g in near],
