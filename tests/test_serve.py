@@ -242,6 +242,7 @@ def test_full_queue_gets_429_with_retry_after(model_a: Path, held_worker: Hold) 
         wait_ready(c)
         first = pool.submit(c.post, "/v1/generate", json={"n": 1, "seed": 1})
         assert held_worker.entered.wait(10)  # the first request is with the worker, which is held
+        assert c.get("/healthz").status_code == 200  # answered while a batch is running
         queued = [pool.submit(c.post, "/v1/generate", json={"n": 1, "seed": s}) for s in (2, 3)]
         _wait_depth(app, 2)
         r = c.post("/v1/generate", json={"n": 1, "seed": 4})
