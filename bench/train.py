@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from sdpipe.config import load_config
-from sdpipe.data import load_dataset, to_model_range
+from sdpipe.data import load_dataset, open_split, to_model_range
 from sdpipe.evaluate.judge import Judge
 from sdpipe.models import build_unet
 from sdpipe.sampling import SampleSpec, generate
@@ -92,7 +92,7 @@ def sdpipe_recipe(fractions: list[float], judge: Judge, n: int) -> list[dict]:
         steps = max(1, round(cfg.train.steps * fraction))
         cfg = load_config(None, [f"train.steps={steps}", f"train.checkpoint_every={steps}"])
         with tempfile.TemporaryDirectory() as run:
-            result = train(cfg, load_dataset(cfg.data), run)
+            result = train(cfg, open_split(cfg.data), run)
         scores = score(result.unet, sampler_config(cfg), judge, n)
         results.append(
             {"seconds": result.seconds, "steps": steps, "samples_per_s": result.samples_per_second, **scores}

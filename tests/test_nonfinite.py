@@ -10,7 +10,7 @@ import torch
 import sdpipe.train.loop as loop
 from conftest import TINY
 from sdpipe.config import load_config
-from sdpipe.data import load_dataset
+from sdpipe.data import open_split
 from sdpipe.train import train
 
 STEPS = [*TINY, "train.steps=9", "train.checkpoint_every=2"]
@@ -32,7 +32,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, bad: dict[int, int]) -> None:
 def test_nonfinite_steps_are_skipped_and_logged(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _inject(monkeypatch, {3: 2})
     cfg = load_config(None, STEPS)
-    result = train(cfg, load_dataset(cfg.data), tmp_path)
+    result = train(cfg, open_split(cfg.data), tmp_path)
     assert [e["event"] for e in result.events] == ["nonfinite_step_skipped"] * 2
     assert [r["step"] for r in result.history] == list(range(1, 10))  # skipped steps are retried, not lost
     assert all(math.isfinite(r["loss"]) for r in result.history)
@@ -43,7 +43,7 @@ def test_nonfinite_steps_are_skipped_and_logged(monkeypatch: pytest.MonkeyPatch,
 
 def test_repeated_nonfinite_steps_roll_back_and_lower_lr(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cfg = load_config(None, [*STEPS, "train.max_bad_steps=3", "train.lr_schedule=constant"])
-    data = load_dataset(cfg.data)
+    data = open_split(cfg.data)
     clean = train(cfg, data, tmp_path / "clean")
     _inject(monkeypatch, {5: 3})
     result = train(cfg, data, tmp_path / "bad")
@@ -60,4 +60,4 @@ def test_divergence_without_checkpoint_fails_clearly(monkeypatch: pytest.MonkeyP
     _inject(monkeypatch, {1: 10})
     cfg = load_config(None, [*STEPS, "train.max_bad_steps=3"])
     with pytest.raises(FloatingPointError, match="no checkpoint to roll back to"):
-        train(cfg, load_dataset(cfg.data), tmp_path)
+        train(cfg, open_split(cfg.data), tmp_path)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY
 from sdpipe.config import load_config
-from sdpipe.data import load_dataset
+from sdpipe.data import open_split
 from sdpipe.train import train
 
 STEPS = [*TINY, "train.steps=9", "train.checkpoint_every=2"]
@@ -33,7 +33,7 @@ def _stop_at(step_to_fail: int):  # type: ignore[no-untyped-def]
 
 def test_resume_after_interruption_is_bitwise_exact(tmp_path: Path) -> None:
     cfg = load_config(None, STEPS)
-    data = load_dataset(cfg.data)
+    data = open_split(cfg.data)
     full = train(cfg, data, tmp_path / "full")
     with pytest.raises(Interrupt):
         train(cfg, data, tmp_path / "cut", progress=_stop_at(5))  # dies after step 5: checkpoint 4 is the last
@@ -47,7 +47,7 @@ def test_resume_after_interruption_is_bitwise_exact(tmp_path: Path) -> None:
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     cfg = load_config(None, STEPS)
-    data = load_dataset(cfg.data)
+    data = open_split(cfg.data)
     with pytest.raises(Interrupt):
         train(cfg, data, tmp_path, progress=_stop_at(3))
     other = load_config(None, [*STEPS, "train.learning_rate=0.01"])

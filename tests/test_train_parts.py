@@ -48,10 +48,10 @@ def test_epoch_sampler_visits_every_index_once_per_epoch() -> None:
 
 
 def test_two_runs_of_one_config_give_identical_weights(tmp_path, tiny_config) -> None:  # type: ignore[no-untyped-def]
-    from sdpipe.data import load_dataset
+    from sdpipe.data import open_split
     from sdpipe.train import train
 
-    data = load_dataset(tiny_config.data)
+    data = open_split(tiny_config.data)
     a = train(tiny_config, data, tmp_path / "a").unet.state_dict()
     b = train(tiny_config, data, tmp_path / "b").unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

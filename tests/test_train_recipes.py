@@ -12,9 +12,9 @@ from diffusers import EDMDPMSolverMultistepScheduler, UNet2DModel
 import sdpipe.train.loop as loop
 from conftest import TINY
 from sdpipe.config import ConfigError, load_config
-from sdpipe.data import load_dataset
+from sdpipe.data import load_dataset, open_split
 from sdpipe.models import build_unet
-from sdpipe.pipeline import split_dataset, train_model
+from sdpipe.pipeline import train_model
 from sdpipe.sampling import edm_scheduler_config
 from sdpipe.train import make_objective, noise_scheduler, train, validation_loss
 from sdpipe.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -117,8 +117,8 @@ def test_early_stopping_keeps_and_returns_the_best_checkpoint(monkeypatch: pytes
             "data.validation_fraction=0.1",
         ],
     )
-    data, val = split_dataset(load_dataset(cfg.data), 0.1)
-    assert 100 < len(val.images) < 260 and len(data.images) + len(val.images) == 1797
+    data, val = open_split(cfg.data, "train"), open_split(cfg.data, "validation")
+    assert 100 < len(val) < 260 and len(data) + len(val) <= 1797
     result = train(cfg, data, tmp_path, validation=val)
     assert result.stopped_early and result.best_step == 4
     assert result.history[-1]["step"] == 8
@@ -134,7 +134,7 @@ def test_early_stopping_keeps_and_returns_the_best_checkpoint(monkeypatch: pytes
 def test_trackers_write_tensorboard_and_mlflow_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(None, [*TINY, "train.steps=3", "train.trackers=[tensorboard, mlflow]"])
-    train(cfg, load_dataset(cfg.data), tmp_path)
+    train(cfg, open_split(cfg.data), tmp_path)
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
     loss_files = [p for p in (tmp_path / "mlruns").rglob("loss") if p.is_file()]
     assert loss_files and len(loss_files[0].read_text().splitlines()) == 3  # one line per step
@@ -143,7 +143,7 @@ def test_trackers_write_tensorboard_and_mlflow_files(tmp_path: Path, monkeypatch
 
 def test_bf16_and_gradient_checkpointing_switches(tmp_path: Path) -> None:
     cfg = load_config(None, [*TINY, "train.steps=2"])
-    data = load_dataset(cfg.data)
+    data = open_split(cfg.data)
     plain = train(cfg, data, tmp_path / "plain")
     ckpt = train(
         cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": True})}),

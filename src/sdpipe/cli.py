@@ -113,6 +113,9 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue from OUT's last checkpoint, ending with the uninterrupted run's weights.")
     ] = False,
+    revalidate: Annotated[
+        bool, typer.Option(help="Validate data.path into data.validated_dir again first (when the source changed).")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model from a config and save it to OUT/model (checkpoints in OUT/checkpoints)."""
@@ -120,7 +123,7 @@ def train(
 
     cfg = _config(config, set_)
     try:
-        trained = train_model(cfg, out, show_progress=not quiet, resume=resume)
+        trained = train_model(cfg, out, show_progress=not quiet, resume=resume, revalidate=revalidate)
     except DataError as exc:
         raise _fail(str(exc), 1) from None
     except ValueError as exc:  # e.g. resuming with other settings than the run's

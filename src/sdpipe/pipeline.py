@@ -6,8 +6,6 @@ of its stage's package. The demo's run folder holds train metrics.jsonl and chec
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -20,10 +18,18 @@ from accelerate import PartialState
 from diffusers.models.unets.unet_2d import UNet2DModel
 
 from sdpipe.config import PipelineConfig
-from sdpipe.data import Dataset, check_dataset, load_dataset
-from sdpipe.data.splits import assign_split
+from sdpipe.data import (
+    ImageSet,
+    SourceChangedError,
+    check_dataset,
+    ensure_validated,
+    load_dataset,
+    open_split,
+    to_source_range,
+)
+from sdpipe.evaluate.judge import Judge
 from sdpipe.evaluate.report import write_report
-from sdpipe.evaluate.run import evaluate_model, fit_judge, sample_and_score
+from sdpipe.evaluate.run import evaluate_model, sample_and_score
 from sdpipe.models import LoadedModel, ModelMeta, load_model, save_model, weights_hash
 from sdpipe.models.format import library_versions
 from sdpipe.progress import progress_bar
@@ -41,37 +47,37 @@ def sample_spec(cfg: PipelineConfig) -> SampleSpec:
     return SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)
 
 
-def split_dataset(data: Dataset, validation_fraction: float) -> tuple[Dataset, Dataset]:
-    """(train, validation) by each image's content hash (`sdpipe.data.splits`): stable under reordering.
-    The training part keeps the whole set's `dataset_id`."""
-    hashes = [hashlib.sha256(np.ascontiguousarray(im, dtype=np.float32).tobytes()).hexdigest() for im in data.images]
-    is_val = np.array([assign_split(h, validation_fraction) == "validation" for h in hashes], dtype=bool)
-    return (
-        dataclasses.replace(data, images=data.images[~is_val], labels=data.labels[~is_val]),
-        dataclasses.replace(data, images=data.images[is_val], labels=data.labels[is_val]),
-    )
-
-
-def model_meta(cfg: PipelineConfig, data: Dataset, weights: str) -> ModelMeta:
+def model_meta(cfg: PipelineConfig, data: ImageSet, weights: str) -> ModelMeta:
+    """What `sdpipe.json` records of a model trained on `data` with `cfg`."""
     return ModelMeta(
         class_names=data.class_names,
-        null_label=len(data.class_names),
-        image_size=data.images.shape[-1],
-        channels=data.images.shape[1],
+        null_label=len(data.class_names) if data.class_names else None,
+        image_size=data.image_shape[-1],
+        channels=data.image_shape[0],
         value_range=data.value_range,
         dataset_id=data.dataset_id,
+        preprocess=data.metadata()["preprocess"],
         weights_hash=weights,
         config=cfg.model_dump(mode="json"),
         versions=library_versions(),
     )
 
 
-def training_evaluator(cfg: PipelineConfig, data: Dataset) -> Callable[[UNet2DModel], dict] | None:
+def training_evaluator(cfg: PipelineConfig, data: ImageSet) -> Callable[[UNet2DModel], dict] | None:
     """For `train.eval_every`: the judge's FD ratio, label accuracy and near-copy share of
-    `train.eval_samples` images from the weights in training (fixed seeds, the model's sampler)."""
+    `train.eval_samples` images from the weights in training (fixed seeds, the model's sampler). The judge is
+    fitted on (up to 5000 of) the training images."""
     if cfg.train.eval_every is None:
         return None
-    judge = fit_judge(data, cfg.evaluate)
+    if not data.class_names:
+        raise ValueError("train.eval_every judges label accuracy too, so it needs labelled data")
+    x, y = data.batch(torch.arange(min(len(data), 5000)), torch.Generator().manual_seed(cfg.evaluate.seed))
+    judge = Judge.fit(
+        to_source_range(x, data.value_range).numpy(),
+        y.numpy(),
+        pca_components=cfg.evaluate.pca_components,
+        seed=cfg.evaluate.seed,
+    )
     meta = model_meta(cfg, data, "in-training")
     keys = ("fd_ratio", "label_accuracy", "near_copy_share", "images_per_s")
 
@@ -85,24 +91,35 @@ def training_evaluator(cfg: PipelineConfig, data: Dataset) -> Callable[[UNet2DMo
 
 @dataclass
 class TrainedModel:
-    data: Dataset
+    data: ImageSet  # the training split
     result: TrainResult
     model: LoadedModel  # as loaded back from disk
     seconds: dict[str, float]
 
 
 def train_model(
-    cfg: PipelineConfig, run_dir: str | Path, show_progress: bool = True, resume: bool = False
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    show_progress: bool = True,
+    resume: bool = False,
+    revalidate: bool = False,
 ) -> TrainedModel:
-    """Load and check the data, train (or, with `resume`, continue from RUN's last checkpoint), and save the
+    """Check the data (digits: in memory; other sources: unchanged since `sdpipe data validate`, or validated
+    again with `revalidate`), train (or, with `resume`, continue from RUN's last checkpoint), and save the
     model to RUN/model in the diffusers-based format."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    data = load_dataset(cfg.data)
-    check = check_dataset(data)
-    if not check.ok:
-        raise DataError("data check failed:\n  " + "\n  ".join(check.problems))
-    data, validation = split_dataset(data, cfg.data.validation_fraction)
+    if cfg.data.source == "digits":
+        check = check_dataset(load_dataset(cfg.data))
+        if not check.ok:
+            raise DataError("data check failed:\n  " + "\n  ".join(check.problems))
+    try:
+        ensure_validated(cfg.data, revalidate, show_progress)
+    except SourceChangedError as exc:
+        raise DataError(f"{exc}\n(or train with --revalidate)") from None
+    data = open_split(cfg.data, "train")
+    validating = cfg.train.validate_every is not None and cfg.data.validation_fraction > 0
+    validation = open_split(cfg.data, "validation") if validating else None
     seconds = {"data": time.perf_counter() - t0}
 
     t = time.perf_counter()
@@ -140,11 +157,17 @@ class DemoResult:
 
 def run_demo(cfg: PipelineConfig, out: str | Path, show_progress: bool = True) -> DemoResult:
     """Train, save, sample and evaluate; writes OUT/model/, OUT/metrics.json and OUT/report.html."""
+    if cfg.data.source != "digits":
+        raise DataError(
+            f"sdpipe demo runs on the embedded digits; for data.source={cfg.data.source} use "
+            "`sdpipe train` then `sdpipe evaluate`"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     trained = train_model(cfg, out, show_progress)
-    model, data, result = trained.model, trained.data, trained.result
+    model, result = trained.model, trained.result
+    data = load_dataset(cfg.data)  # the whole set: what the judge compares samples with
     timings = dict(trained.seconds)
 
     t = time.perf_counter()

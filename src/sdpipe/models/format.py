@@ -46,6 +46,7 @@ class ModelMeta(BaseModel):
     channels: int
     value_range: tuple[float, float]  # pixel range of the source data; generation writes it back
     dataset_id: str
+    preprocess: dict[str, Any] | None = None  # how training images were prepared (resize, crop, channels)
     weights_hash: str  # content hash of the UNet weights, as in samples.jsonl
     config: dict[str, Any]  # the full PipelineConfig it was trained with
     versions: dict[str, str]  # sdpipe, torch, diffusers

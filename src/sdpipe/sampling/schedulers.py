@@ -78,6 +78,8 @@ def make_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Schedul
     """A fresh scheduler for sampler `name`, matching the noise schedule in `model_scheduler_config`."""
     edm = "sigma_data" in model_scheduler_config
     table, keys = (EDM_SAMPLERS, _EDM_KEYS) if edm else (SAMPLERS, _SHARED_KEYS)
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(table)}")
     if name not in table:
         kind = "an EDM-preconditioned model" if edm else "this model"
         raise ValueError(f"sampler {name!r} does not apply to {kind}; choose one of: {', '.join(table)}")

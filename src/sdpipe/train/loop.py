@@ -26,7 +26,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from sdpipe.config import PipelineConfig, TrainConfig
-from sdpipe.data import Dataset, to_model_range
+from sdpipe.data import ImageSet
 from sdpipe.models import build_unet
 from sdpipe.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from sdpipe.train.recipe import Loss, make_objective
@@ -72,11 +72,11 @@ class EpochSampler:
 
 def train(
     cfg: PipelineConfig,
-    data: Dataset,
+    data: ImageSet,
     run_dir: str | Path,
     progress: Callable[[int, dict], None] | None = None,
     resume: bool = False,
-    validation: Dataset | None = None,
+    validation: ImageSet | None = None,
     evaluator: Callable[[UNet2DModel], dict] | None = None,
 ) -> TrainResult:
     """Train a model on `data` as `cfg` says; writes checkpoints and `metrics.jsonl` under `run_dir`.
@@ -105,10 +105,9 @@ def train(
         raise ValueError(f"train.batch_size {t_cfg.batch_size} must be divisible by the {world} processes")
     gen = torch.Generator().manual_seed(t_cfg.seed)
 
-    num_classes = len(data.class_names)
-    unet = build_unet(
-        cfg.model, sample_size=data.images.shape[-1], channels=data.images.shape[1], num_classes=num_classes
-    )
+    num_classes = len(data.class_names) if data.class_names else None  # None: an unconditional model
+    channels, _, size = data.image_shape
+    unet = build_unet(cfg.model, sample_size=size, channels=channels, num_classes=num_classes)
     if t_cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t_cfg.learning_rate, weight_decay=t_cfg.weight_decay)
@@ -122,10 +121,7 @@ def train(
     ema = EMAModel(unet.parameters(), decay=t_cfg.ema_decay, use_ema_warmup=True, power=t_cfg.ema_warmup_power)
     loss_fn, noise_levels = make_objective(cfg)
 
-    x_all = to_model_range(data.images, data.value_range)
-    y_all = torch.as_tensor(data.labels)
-    batches = EpochSampler(len(x_all), t_cfg.batch_size, gen)
-    null_label = num_classes
+    batches = EpochSampler(len(data), t_cfg.batch_size, gen)
     validate = _validator(cfg, validation, loss_fn, accelerator.unwrap_model(unet), ema)
     stopper = EarlyStopping(t_cfg.early_stopping_patience)
     config = cfg.model_dump(mode="json")
@@ -152,15 +148,18 @@ def train(
         log.writelines(json.dumps(r) + "\n" for r in history + events)
         step = first_step
         while step <= t_cfg.steps and not stopper.should_stop:
-            idx = batches.next()
-            x0, y = x_all[idx].to(accelerator.device), y_all[idx].clone()
-            y[torch.rand(len(y), generator=gen) < t_cfg.label_dropout] = null_label
-            noise = torch.randn(x0.shape, generator=gen).to(x0)
-            t = noise_levels(len(x0), gen)
             # every process draws the same global batch and trains on its own slice of it, so N processes
-            # train the model one process would (gradients are averaged over equal slices)
-            x0, y, noise, t = (v[rank::world] for v in (x0, y, noise, t))
-            loss = loss_fn(unet, x0, y.to(x0.device), noise, t.to(x0.device))
+            # train the model one process would (gradients are averaged over equal slices); each reads
+            # only its slice's files, with the random crops/flips the whole batch would have had
+            idx = batches.next()
+            x0, y = data.batch(idx, gen, select=slice(rank, None, world))
+            dropped = torch.rand(len(idx), generator=gen) < t_cfg.label_dropout
+            noise = torch.randn((len(idx), *data.image_shape), generator=gen)
+            t = noise_levels(len(idx), gen)
+            dropped, noise, t = (v[rank::world] for v in (dropped, noise, t))
+            x0, noise, t = x0.to(accelerator.device), noise.to(accelerator.device), t.to(accelerator.device)
+            labels = None if num_classes is None else y.masked_fill(dropped, num_classes).to(x0.device)
+            loss = loss_fn(unet, x0, labels, noise, t)
             if NONFINITE_HOOK is not None and NONFINITE_HOOK(step):
                 loss = loss * float("nan")
             accelerator.backward(loss)
@@ -246,18 +245,22 @@ def train(
 
 
 def _validator(
-    cfg: PipelineConfig, validation: Dataset | None, loss_fn: Loss, unet: UNet2DModel, ema: EMAModel
+    cfg: PipelineConfig, validation: ImageSet | None, loss_fn: Loss, unet: UNet2DModel, ema: EMAModel
 ) -> Callable[[], float] | None:
-    """A function giving the validation loss of the EMA weights, or None when not validating."""
+    """A function giving the validation loss of the EMA weights, or None when not validating. The
+    validation images are read once (with preprocessing drawn from a fixed seed) and kept."""
     if validation is None or cfg.train.validate_every is None:
         return None
-    if len(validation.images) == 0:
-        raise ValueError("train.validate_every is set but the validation split is empty; raise its share")
-    x_val = to_model_range(validation.images, validation.value_range)
-    y_val = torch.as_tensor(validation.labels)
+    if len(validation) == 0:
+        raise ValueError(
+            "train.validate_every is set but the validation split is empty; raise data.validation_fraction"
+        )
+    x_val, y = validation.batch(torch.arange(len(validation)), torch.Generator().manual_seed(cfg.train.seed))
+    y_val = y if validation.class_names else None
 
     def run(model: UNet2DModel) -> float:
-        return validation_loss(model, loss_fn, x_val.to(model.device), y_val.to(model.device), seed=cfg.train.seed)
+        labels = None if y_val is None else y_val.to(model.device)
+        return validation_loss(model, loss_fn, x_val.to(model.device), labels, seed=cfg.train.seed)
 
     return lambda: _with_ema(unet, ema, run)
 
