@@ -133,3 +133,12 @@ def test_validation_loss_is_repeatable_and_uses_the_validation_split(tiny_model_
     assert part["value"] != whole["value"] and model_validation_loss(m, data) == part
     m.meta.config["train"]["stepz"] = 1  # a config this version no longer accepts: skipped with the reason
     assert model_validation_loss(m, data)["value"] is None
+
+
+def test_steps_sweep_leaves_out_samplers_a_model_cannot_use() -> None:
+    from sdpipe.evaluate.command import _applies
+    from sdpipe.sampling import edm_scheduler_config, training_scheduler_config
+
+    edm, ddpm = edm_scheduler_config(0.002, 80.0, 0.5), training_scheduler_config("epsilon", "linear", 1000)
+    assert [s for s in ("ddim", "dpmpp_2m", "unipc") if _applies(s, edm)] == ["dpmpp_2m"]
+    assert all(_applies(s, ddpm) for s in ("ddim", "dpmpp_2m", "unipc"))

@@ -14,7 +14,7 @@ from sdpipe.data import load_dataset
 from sdpipe.evaluate.full import DEFAULT_SAMPLERS, DEFAULT_STEPS, run_evaluation
 from sdpipe.evaluate.report import write_evaluation_report
 from sdpipe.models import load_model
-from sdpipe.sampling import SAMPLERS, SampleSpec
+from sdpipe.sampling import SAMPLERS, SampleSpec, make_scheduler
 
 
 def parse_list(text: str, option: str) -> list[str]:
@@ -37,6 +37,14 @@ def check_sweep(samplers: list[str], steps: list[str]) -> list[int]:
     if any(not 1 <= c <= 1000 for c in counts):
         raise ValueError("--steps: every step count must be between 1 and 1000")
     return counts
+
+
+def _applies(sampler: str, scheduler_config: dict) -> bool:
+    try:
+        make_scheduler(sampler, scheduler_config)
+    except ValueError:
+        return False
+    return True
 
 
 def evaluate_saved_model(
@@ -66,6 +74,12 @@ def evaluate_saved_model(
     data = load_dataset(cfg.data)
     s = cfg.sample
     spec = SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)  # the model's own sampling settings
+    warnings = []
+    usable = [name for name in samplers if _applies(name, model.scheduler_config)]
+    if usable != samplers:  # e.g. ddim and unipc for an EDM-preconditioned model
+        left_out = ", ".join(x for x in samplers if x not in usable)
+        warnings.append(f"samplers {left_out} do not apply to this model: left out of the steps sweep")
+    samplers = usable or [spec.sampler]
     model.unet.eval()
     result = run_evaluation(
         model,
@@ -79,7 +93,9 @@ def evaluate_saved_model(
     )
     metrics = {"data_source": cfg.data.model_dump(mode="json"), **result.metrics}
     if data.dataset_id != model.meta.dataset_id:
-        metrics["warnings"] = [f"data {data.dataset_id} differs from the model's training data {model.meta.dataset_id}"]
+        warnings.append(f"data {data.dataset_id} differs from the model's training data {model.meta.dataset_id}")
+    if warnings:
+        metrics["warnings"] = warnings
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
