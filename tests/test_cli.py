@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import TINY
@@ -18,7 +19,7 @@ def _sets(items: list[str]) -> list[str]:
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("demo", "train", "generate", "evaluate", "config"):
+    for command in ("demo", "train", "generate", "replay", "evaluate", "config", "data", "registry", "serve"):
         assert command in result.output
 
 
@@ -98,3 +99,23 @@ def test_config_command_prints_validated_yaml() -> None:
     result = runner.invoke(app, ["config", "--set", "train.steps=9"])
     assert result.exit_code == 0
     assert "steps: 9" in result.output
+
+
+def test_models_are_taken_by_registry_reference(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """generate and replay accept NAME@ALIAS and NAME:VERSION as well as a folder, with the same images."""
+    monkeypatch.setenv("SDPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SDPIPE_REGISTRY_URL", raising=False)
+    assert runner.invoke(app, ["registry", "register", str(tiny_model_dir), "--name", "tiny"]).exit_code == 0
+    assert runner.invoke(app, ["registry", "alias", "tiny", "production", "1"]).exit_code == 0
+    outs = {}
+    for ref in (str(tiny_model_dir), "tiny@production", "tiny:1"):
+        out = tmp_path / ref.replace("/", "_").replace(":", "_")
+        result = runner.invoke(app, ["generate", "--model", ref, "--out", str(out), "--n", "2", "--quiet"])
+        assert result.exit_code == 0, result.output
+        outs[ref] = Image.open(out / "00001.png").tobytes()  # the pixels (the text chunks name the folder)
+    assert len(set(outs.values())) == 1
+    result = runner.invoke(app, ["generate", "--model", "tiny@staging", "--out", str(tmp_path / "x"), "--quiet"])
+    assert result.exit_code == 2 and "staging" in result.output
+    png = tmp_path / "tiny@production" / "00001.png"
+    result = runner.invoke(app, ["replay", str(png), "--out", str(tmp_path / "r"), "--model", "tiny:1"])
+    assert result.exit_code == 0, result.output

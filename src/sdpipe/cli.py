@@ -27,6 +27,7 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override one setting, e.g. --set train.steps=500 (repeatable)."),
 ]
+MODEL_HELP = "Model directory, or a registry reference: NAME, NAME@ALIAS (e.g. digits@production) or NAME:VERSION."
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -62,7 +63,7 @@ def demo(
 
 @app.command()
 def generate(
-    model: Annotated[Path, typer.Option(help="Model directory (as written by demo/train).")],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and samples.jsonl.")],
     label: Annotated[str, typer.Option(help="Class to draw (e.g. 0..9), or 'all' to cycle through classes.")] = "all",
     n: Annotated[int, typer.Option(help="Number of images.")] = 10,
@@ -93,13 +94,15 @@ def generate(
 def replay(
     image: Annotated[Path, typer.Argument(help="A PNG written by sdpipe generate.")],
     out: Annotated[Path, typer.Option(help="Folder for the regenerated image.")],
-    model: Annotated[Path | None, typer.Option(help="Model directory, if it moved since the image was made.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model directory or registry reference, if not the one it names.")
+    ] = None,
 ) -> None:
     """Regenerate an image bit for bit from the generation parameters stored in its PNG."""
     from sdpipe.sampling.files import replay as replay_image
 
     try:
-        path = replay_image(image, out, model)
+        path = replay_image(image, out, _resolve(model) if model else None)
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from None
     out_console.print(f"regenerated {image} as {path}")
@@ -133,7 +136,7 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Option(help="Model directory.")],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
     out: Annotated[Path, typer.Option(help="Folder for metrics.json and report.html.")],
     n: Annotated[int | None, typer.Option(help="Number of generated images to judge.")] = None,
     data: Annotated[str | None, typer.Option(help="Data source (default: the model's own training data).")] = None,
@@ -151,7 +154,7 @@ def evaluate(
         names = parse_list(samplers, "--samplers")
         counts = check_sweep(names, parse_list(steps, "--steps"))
         metrics = evaluate_saved_model(
-            model,
+            _resolve(model),
             out,
             n=n,
             data_source=data,
@@ -181,12 +184,22 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     out_console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
 
 
-def _load(path: Path):
-    from sdpipe.models import load_model
+def _load(ref: str):
+    """A model from a folder or a registry reference; a registry version's weights hash is checked."""
+    from sdpipe.registry import load
 
     try:
-        return load_model(path)
-    except (FileNotFoundError, ValueError) as exc:
+        return load(ref)
+    except (FileNotFoundError, ValueError) as exc:  # RegistryError is a ValueError
+        raise _fail(str(exc)) from None
+
+
+def _resolve(ref: str) -> Path:
+    from sdpipe.registry import resolve
+
+    try:
+        return resolve(ref)
+    except ValueError as exc:
         raise _fail(str(exc)) from None
 
 
