@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup browser demo test test-slow clean
 
 $(BIN)/sdpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,20 @@ $(BIN)/sdpipe: pyproject.toml
 
 setup: $(BIN)/sdpipe
 
+# Debian's headless chromium + chromedriver for the web page test (tests/test_serve_live.py); installed with
+# apt when missing and we are root, else that one test skips, saying why
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	    echo "note: no chromium/chromedriver; the web page test will be skipped"; }
+
 demo: setup
 	$(BIN)/sdpipe demo --out runs/demo
 
-test: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+test: setup browser
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src/sdpipe
 	$(BIN)/pytest -q
 
