@@ -13,7 +13,7 @@ from sdpipe.config import validate_config
 from sdpipe.data import load_dataset
 from sdpipe.evaluate.full import DEFAULT_SAMPLERS, DEFAULT_STEPS, run_evaluation
 from sdpipe.evaluate.report import write_evaluation_report
-from sdpipe.models import load_model
+from sdpipe.models import LoadedModel, load_model
 from sdpipe.sampling import SAMPLERS, SampleSpec, make_scheduler
 
 
@@ -48,7 +48,7 @@ def _applies(sampler: str, scheduler_config: dict) -> bool:
 
 
 def evaluate_saved_model(
-    model_dir: str | Path,
+    model_dir: str | Path | LoadedModel,
     out: str | Path,
     *,
     n: int | None = None,
@@ -58,9 +58,10 @@ def evaluate_saved_model(
     steps: list[int] | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Evaluate the model at `model_dir` against `data_source` (default: the data it was trained on) and write
-    OUT/metrics.json and OUT/report.html; returns the metrics."""
-    model = load_model(model_dir)
+    """Evaluate the model at `model_dir` (or already loaded, e.g. resolved from the registry) against
+    `data_source` (default: the data it was trained on) and write OUT/metrics.json and OUT/report.html;
+    returns the metrics."""
+    model = model_dir if isinstance(model_dir, LoadedModel) else load_model(model_dir)
     # only the sections evaluation uses, so models saved by older versions (other train keys) still load
     tree = {k: dict(model.meta.config.get(k, {})) for k in ("data", "sample", "evaluate")}
     if n is not None:
