@@ -71,6 +71,11 @@ class FeatureScorer:
 
 def make_scorer(data: Dataset, cfg: EvaluateConfig, inception: Path | None) -> FeatureScorer:
     """The feature network (always: it is also the classifier) and the chosen extractor, with real features."""
+    if len(data.class_names or []) < 2:
+        raise ValueError(
+            f"data {data.dataset_id} has no class labels: sdpipe's feature network and the judge are classifiers "
+            "trained on labelled real data, so evaluating against unlabelled data is not supported yet"
+        )
     pixels = source_to_pixels(data.images, data.value_range)
     net = load_or_train_feature_net(pixels, data.labels, len(data.class_names), data.dataset_id)
     extractor: FeatureExtractor = InceptionFeatures(inception) if inception is not None else net
