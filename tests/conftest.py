@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from sdpipe.config import PipelineConfig, load_config
+from sdpipe.models import ModelMeta, build_unet, save_model, weights_hash
+from sdpipe.models.format import library_versions
+from sdpipe.sampling import make_scheduler
+from sdpipe.train import sampler_config
 
 TINY = [
     "model.block_out_channels=[16, 32]",
@@ -23,6 +32,15 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches (the evaluation feature network) and the default registry live in a temporary folder, never
+    in the user's home; tests that need their own set the variables again."""
+    os.environ["SDPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["SDPIPE_HOME"] = str(tmp_path_factory.mktemp("home"))
+    os.environ.pop("SDPIPE_REGISTRY_URL", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> PipelineConfig:
     return load_config(None, TINY)
@@ -34,3 +52,46 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_config: Pipeli
 
     run = tmp_path_factory.mktemp("tiny_run")
     return train_model(tiny_config, run, show_progress=False).model.path
+
+
+def random_model(
+    path: Path,
+    seed: int = 0,
+    *,
+    sets: list[str] | None = None,
+    scale: float = 1.0,
+    versions: dict[str, str] | None = None,
+    dataset_id: str = "random",
+) -> Path:
+    """A tiny class-conditional digits model with random weights (seed; multiplied by `scale`), saved in the
+    sdpipe format with the config `sets` give: for tests that need a model, not a trained one."""
+    cfg = load_config(None, sets or TINY)
+    torch.manual_seed(seed)
+    unet = build_unet(cfg.model, sample_size=8, channels=1, num_classes=10)
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.mul_(scale)
+    meta = ModelMeta(
+        class_names=[str(i) for i in range(10)],
+        null_label=10,
+        image_size=8,
+        channels=1,
+        value_range=(0.0, 16.0),
+        dataset_id=dataset_id,
+        weights_hash=weights_hash(unet),
+        config=cfg.model_dump(mode="json"),
+        versions=library_versions() | (versions or {}),
+    )
+    return save_model(path, unet, make_scheduler(cfg.sample.sampler, sampler_config(cfg)), meta)
+
+
+def noise_image(seed: int, shape: tuple[int, ...] = (12, 16, 3)) -> np.ndarray:
+    """Random uint8 pixels: a distinct image per seed."""
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()

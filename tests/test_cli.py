@@ -43,6 +43,23 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000000006"
     assert "FD ratio" in result.output
 
+
+def test_demo_report_shows_validation_and_quality_over_training(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    extra = ["data.validation_fraction=0.1", "train.validate_every=3", "train.eval_every=3", "train.eval_samples=20"]
+    result = runner.invoke(app, ["demo", "--out", str(out), "--quiet", *_sets([*TINY, *extra])])
+    assert result.exit_code == 0, result.output
+    events = json.loads((out / "metrics.json").read_text())["train"]["events"]
+    assert [(e["step"], e["event"]) for e in events] == [
+        (3, "validation"),
+        (3, "evaluation"),
+        (6, "validation"),
+        (6, "evaluation"),
+    ]
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 3  # loss with validation, quality over training, grid
+    assert "Quality during training" in report
+
     gen = tmp_path / "gen"
     result = runner.invoke(
         app,
@@ -84,7 +101,7 @@ def test_bad_config_fails_before_work(tmp_path: Path) -> None:
 
 def test_generate_errors_name_the_problem(tiny_model_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["generate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "model directory not found" in result.output
+    assert result.exit_code == 2 and "missing" in result.output and "not an existing path" in result.output
     result = runner.invoke(
         app, ["generate", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--sampler", "plms"]
     )

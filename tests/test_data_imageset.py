@@ -3,28 +3,17 @@ randomness from the training generator, and refusal of data that changed since v
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import noise_image, png_bytes
 from sdpipe.config import DataConfig
 from sdpipe.data import SourceChangedError, check_source_unchanged, load_dataset, open_split, to_model_range
 from sdpipe.data.readers import decode_image
 from sdpipe.data.validate import validate
-
-
-def _noise(seed: int, shape: tuple[int, ...] = (12, 16, 3)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def test_digits_split_is_the_demo_data_bit_for_bit() -> None:
@@ -60,7 +49,7 @@ def _folder(tmp_path: Path, n: int = 6) -> Path:
     for c in ("a", "b"):
         (src / c).mkdir(parents=True)
         for i in range(n):
-            (src / c / f"{i}.png").write_bytes(_png(_noise(100 * len(c) + i + (50 if c == "b" else 0))))
+            (src / c / f"{i}.png").write_bytes(png_bytes(noise_image(100 * len(c) + i + (50 if c == "b" else 0))))
     return src
 
 
@@ -110,7 +99,7 @@ def test_a_changed_file_is_refused(tmp_path: Path) -> None:
     cfg = _validated(tmp_path)
     check_source_unchanged(cfg.validated_dir or "")
     src = Path(cfg.path or "")
-    (src / "a" / "0.png").write_bytes(_png(_noise(999)))
+    (src / "a" / "0.png").write_bytes(png_bytes(noise_image(999)))
     with pytest.raises(SourceChangedError, match=r"a/0.png.*re-validate with: sdpipe data validate"):
         check_source_unchanged(cfg.validated_dir or "")
     with pytest.raises(SourceChangedError, match="changed since it was validated"):
@@ -124,7 +113,7 @@ def test_added_removed_and_touched_files(tmp_path: Path) -> None:
     src, out = Path(cfg.path or ""), cfg.validated_dir or ""
     os.utime(src / "a" / "1.png", ns=(1, 1))  # same bytes, new time: not a change
     check_source_unchanged(out)
-    (src / "a" / "new.png").write_bytes(_png(_noise(5)))
+    (src / "a" / "new.png").write_bytes(png_bytes(noise_image(5)))
     with pytest.raises(SourceChangedError, match=r"1 added: .*new.png"):
         check_source_unchanged(out)
     (src / "a" / "new.png").unlink()
@@ -139,16 +128,16 @@ def _other_sources(tmp_path: Path) -> dict[str, tuple[Path, list[np.ndarray]]]:
     import pyarrow.parquet as pq
     import webdataset as wds
 
-    imgs = [_noise(i, (10, 10, 3)) for i in range(4)]
+    imgs = [noise_image(i, (10, 10, 3)) for i in range(4)]
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
-    rows = {"image": [{"bytes": _png(a), "path": None} for a in imgs], "label": [0, 1, 0, 1]}
+    rows = {"image": [{"bytes": png_bytes(a), "path": None} for a in imgs], "label": [0, 1, 0, 1]}
     datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "hf"))
     meta = [{"source": i} for i in range(4)]  # a struct column before the image column
-    table = pa.table({"meta": meta, "image": pa.array([_png(a) for a in imgs], pa.binary())})
+    table = pa.table({"meta": meta, "image": pa.array([png_bytes(a) for a in imgs], pa.binary())})
     pq.write_table(table, tmp_path / "t.parquet", row_group_size=3)
     with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
         for i, a in enumerate(imgs):
-            sink.write({"__key__": f"k{i}", "png": _png(a), "cls": b"1"})
+            sink.write({"__key__": f"k{i}", "png": png_bytes(a), "cls": b"1"})
     np.savez(tmp_path / "a.npz", images=np.stack(imgs))
     return {
         k: (tmp_path / p, imgs)
@@ -186,7 +175,7 @@ def test_ensure_validated_refuses_or_revalidates(tmp_path: Path) -> None:
     cfg = _validated(tmp_path)
     ensure_validated(cfg)
     ensure_validated(DataConfig())  # digits: nothing to check
-    (Path(cfg.path or "") / "b" / "new.png").write_bytes(_png(_noise(77)))
+    (Path(cfg.path or "") / "b" / "new.png").write_bytes(png_bytes(noise_image(77)))
     with pytest.raises(SourceChangedError, match="added"):
         ensure_validated(cfg)
     ensure_validated(cfg, revalidate=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -10,21 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
+from conftest import noise_image, png_bytes
 from sdpipe.config import DataConfig
 from sdpipe.data.sources import detect_kind
 from sdpipe.data.validate import validate
-
-
-def _noise(seed: int, shape: tuple[int, ...] = (12, 16, 3)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _manifest(out: Path) -> list[dict]:
@@ -54,8 +43,8 @@ def test_folder_labels_sidecar_captions_and_metadata(tmp_path: Path) -> None:
     for c, cls in enumerate(["cat", "dog"]):
         (src / cls / "deeper").mkdir(parents=True)
         for i in range(3):
-            (src / cls / f"{i}.png").write_bytes(_png(_noise(10 * c + i)))
-        (src / cls / "deeper" / "x.jpg").write_bytes(_png(_noise(50 + c)))  # PNG bytes under .jpg: fine
+            (src / cls / f"{i}.png").write_bytes(png_bytes(noise_image(10 * c + i)))
+        (src / cls / "deeper" / "x.jpg").write_bytes(png_bytes(noise_image(50 + c)))  # PNG bytes under .jpg: fine
     (src / "cat" / "0.txt").write_text("a grey cat")
     (src / "dog" / "metadata.jsonl").write_text(json.dumps({"file_name": "1.png", "text": "a happy dog"}) + "\n")
     (src / "notes.md").write_text("not data")
@@ -91,7 +80,7 @@ def test_hf_saved_dataset_with_splits(tmp_path: Path) -> None:
     def part(seeds: list[int]) -> datasets.Dataset:
         return datasets.Dataset.from_dict(
             {
-                "image": [{"bytes": _png(_noise(s)), "path": None} for s in seeds],
+                "image": [{"bytes": png_bytes(noise_image(s)), "path": None} for s in seeds],
                 "label": [s % 3 for s in seeds],
                 "text": [f"sample {s}" for s in seeds],
             },
@@ -109,10 +98,15 @@ def test_hf_saved_dataset_with_splits(tmp_path: Path) -> None:
 
 def test_parquet_files_hf_style_and_plain_binary(tmp_path: Path) -> None:
     (tmp_path / "pq").mkdir()
-    table = pa.table({"img": [{"bytes": _png(_noise(s)), "path": None} for s in range(3)], "label": ["x", "y", "x"]})
+    table = pa.table(
+        {"img": [{"bytes": png_bytes(noise_image(s)), "path": None} for s in range(3)], "label": ["x", "y", "x"]}
+    )
     pq.write_table(table, tmp_path / "pq" / "a.parquet")
     plain = pa.table(
-        {"img": pa.array([_png(_noise(10 + s)) for s in range(2)] + [b"junk"], pa.binary()), "label": ["y", "z", "z"]}
+        {
+            "img": pa.array([png_bytes(noise_image(10 + s)) for s in range(2)] + [b"junk"], pa.binary()),
+            "label": ["y", "z", "z"],
+        }
     )
     pq.write_table(plain, tmp_path / "b.parquet")
     report, rows = _run(tmp_path / "pq", tmp_path / "out", source="parquet")
@@ -134,7 +128,7 @@ def test_webdataset_shards_stream_with_labels_and_captions(tmp_path: Path) -> No
                 sink.write(
                     {
                         "__key__": f"k{shard}{i}",
-                        "png": _png(_noise(10 * shard + i)),
+                        "png": png_bytes(noise_image(10 * shard + i)),
                         "cls": str(i).encode(),
                         "txt": b"hi",
                     }
@@ -151,7 +145,7 @@ def test_webdataset_shards_stream_with_labels_and_captions(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("fmt", ["npz", "npy"])
 def test_arrays_with_and_without_labels(tmp_path: Path, fmt: str) -> None:
-    images = np.stack([_noise(i, (10, 10)) for i in range(5)])
+    images = np.stack([noise_image(i, (10, 10)) for i in range(5)])
     labels = np.array([0, 2, 1, 2, 0])
     if fmt == "npz":
         np.savez(tmp_path / "d.npz", images=images, labels=labels)

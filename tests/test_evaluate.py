@@ -125,14 +125,14 @@ def test_validation_loss_is_repeatable_and_uses_the_validation_split(tiny_model_
 
     m = load_model(tiny_model_dir)
     data = load_dataset(load_config().data)
-    whole = model_validation_loss(m, data)
+    whole = model_validation_loss(m)
     assert whole["images"] == len(data.images) and "without a validation split" in whole["on"]
     m.meta.config["data"]["validation_fraction"] = 0.3
-    part = model_validation_loss(m, data)
+    part = model_validation_loss(m)
     assert 0.2 < part["images"] / len(data.images) < 0.4 and "validation split" in part["on"]
-    assert part["value"] != whole["value"] and model_validation_loss(m, data) == part
+    assert part["value"] != whole["value"] and model_validation_loss(m) == part
     m.meta.config["train"]["stepz"] = 1  # a config this version no longer accepts: skipped with the reason
-    assert model_validation_loss(m, data)["value"] is None
+    assert model_validation_loss(m)["value"] is None
 
 
 def test_steps_sweep_leaves_out_samplers_a_model_cannot_use() -> None:

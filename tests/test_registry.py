@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-import torch
-from diffusers import DDPMScheduler
 
-from sdpipe.config import load_config
-from sdpipe.models import ModelMeta, build_unet, save_model, weights_hash
-from sdpipe.models.format import library_versions
+from conftest import random_model
+from sdpipe.models import weights_hash
 from sdpipe.registry import Registry, RegistryError, resolve
 from sdpipe.registry import store as store_module
 
@@ -23,22 +20,8 @@ TINY_MODEL = ["model.block_out_channels=[8, 16]", "model.norm_num_groups=4", "mo
 
 def make_model(out: Path, seed: int, *, metrics: dict | None = None, git: str | None = None) -> Path:
     """A tiny model directory with random weights (different seed, different weights), in seconds."""
-    cfg = load_config(None, TINY_MODEL)
-    torch.manual_seed(seed)
-    unet = build_unet(cfg.model, sample_size=8, channels=1, num_classes=10)
-    versions = library_versions() | ({"git_commit": git} if git else {})
-    meta = ModelMeta(
-        class_names=[str(i) for i in range(10)],
-        null_label=10,
-        image_size=8,
-        channels=1,
-        value_range=(0.0, 16.0),
-        dataset_id="sha256:testdata",
-        weights_hash=weights_hash(unet),
-        config=cfg.model_dump(mode="json"),
-        versions=versions,
-    )
-    path = save_model(out, unet, DDPMScheduler(num_train_timesteps=10), meta)
+    git_commit = {"git_commit": git} if git else None
+    path = random_model(out, seed, sets=TINY_MODEL, versions=git_commit, dataset_id="sha256:testdata")
     if metrics is not None:
         (out.parent / "metrics.json").write_text(json.dumps(metrics))
     return path

@@ -19,10 +19,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from sdpipe.config import load_config
-from sdpipe.models import LoadedModel, ModelMeta, build_unet, load_model, save_model, weights_hash
-from sdpipe.models.format import library_versions
-from sdpipe.sampling import SampleSpec, make_scheduler, training_scheduler_config
+from conftest import random_model
+from sdpipe.models import LoadedModel, load_model
+from sdpipe.sampling import SampleSpec
 from sdpipe.sampling.files import generate_files
 from sdpipe.serve import batching
 from sdpipe.serve.app import create_app
@@ -41,26 +40,7 @@ TINY = [
 
 def make_model(path: Path, seed: int = 0, scale: float = 1.0, micro_batch: int = 8) -> Path:
     """A tiny class-conditional model with random weights (seed), saved in the sdpipe format."""
-    cfg = load_config(None, [*TINY, f"sample.micro_batch={micro_batch}"])
-    torch.manual_seed(seed)
-    unet = build_unet(cfg.model, sample_size=8, channels=1, num_classes=10)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.mul_(scale)
-    d = cfg.diffusion
-    sched_cfg = training_scheduler_config(d.prediction_type, d.beta_schedule, d.num_train_timesteps)
-    meta = ModelMeta(
-        class_names=[str(i) for i in range(10)],
-        null_label=10,
-        image_size=8,
-        channels=1,
-        value_range=(0.0, 16.0),
-        dataset_id="random",
-        weights_hash=weights_hash(unet),
-        config=cfg.model_dump(mode="json"),
-        versions=library_versions(),
-    )
-    return save_model(path, unet, make_scheduler(cfg.sample.sampler, sched_cfg), meta)
+    return random_model(path, seed, sets=[*TINY, f"sample.micro_batch={micro_batch}"], scale=scale)
 
 
 @pytest.fixture(scope="module")

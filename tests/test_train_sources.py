@@ -36,6 +36,7 @@ def _sets(src: Path, validated: Path) -> list[str]:
         "data.resolution=8",
         "data.crop=random",
         "data.random_flip=true",
+        "data.channels=rgb",
     ]
     return [a for s in sets for a in ("--set", s)]
 
@@ -51,14 +52,15 @@ def test_train_on_an_image_folder(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "run" / "model" / "sdpipe.json").read_text())
     assert meta["dataset_id"] == report["dataset_id"]
-    assert meta["class_names"] == ["dark", "light"] and meta["image_size"] == 8 and meta["channels"] == 1
+    assert meta["class_names"] == ["dark", "light"] and meta["image_size"] == 8 and meta["channels"] == 3
     assert meta["value_range"] == [0.0, 255.0]
     assert meta["preprocess"]["resolution"] == 8 and meta["preprocess"]["random_flip"] is True
 
     res = runner.invoke(app, ["generate", "--model", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "g"),
                               "--n", "2", "--quiet"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert Image.open(tmp_path / "g" / "00000.png").size == (8, 8)
+    image = Image.open(tmp_path / "g" / "00000.png")
+    assert image.size == (8, 8) and image.mode == "RGB"  # grayscale sources trained as RGB come back RGB
 
     # a source that changed since validation is refused, naming the file; --revalidate takes the new data
     changed = src / "dark" / "03.png"

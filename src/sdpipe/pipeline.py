@@ -118,6 +118,8 @@ def train_model(
     except SourceChangedError as exc:
         raise DataError(f"{exc}\n(or train with --revalidate)") from None
     data = open_split(cfg.data, "train")
+    if data.image_shape[1] != data.image_shape[2]:  # the model format (and UNet2DModel's config) is square
+        raise DataError(f"images are {data.image_shape[2]}x{data.image_shape[1]}: set data.resolution to train square")
     validating = cfg.train.validate_every is not None and cfg.data.validation_fraction > 0
     validation = open_split(cfg.data, "validation") if validating else None
     seconds = {"data": time.perf_counter() - t0}

@@ -9,7 +9,6 @@ Seeds are fixed and real-data features are cached, so two runs give the same num
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,7 @@ import numpy as np
 import torch
 
 from sdpipe.config import ConfigError, EvaluateConfig, validate_config
-from sdpipe.data import Dataset, to_model_range
-from sdpipe.data.splits import assign_split
+from sdpipe.data import Dataset, open_split
 from sdpipe.evaluate.features import (
     FeatureExtractor,
     FeatureNet,
@@ -115,27 +113,25 @@ def _sweep_row(row: dict) -> dict:
     return {k: row[k] for k in keys if k in row}
 
 
-def model_validation_loss(model: LoadedModel, data: Dataset) -> dict:
-    """The training loss at fixed noise (`sdpipe.train.validation_loss`) on the model's validation split of
-    `data` (by content hash, as training split it), or on all of `data` when the model was trained without one."""
+def model_validation_loss(model: LoadedModel, max_images: int = 5000) -> dict:
+    """The training loss at fixed noise (`sdpipe.train.validation_loss`) on the model's validation split,
+    read as training read it (`sdpipe.data.open_split`), or on its training split when it had none."""
     try:
         cfg = validate_config(model.meta.config)
     except ConfigError as exc:
         return {"value": None, "why": f"the model's saved config does not validate any more: {exc}"}
-    images, labels = data.images, data.labels
-    on = "all images: the model was trained without a validation split (data.validation_fraction = 0)"
-    if cfg.data.validation_fraction > 0:  # the same rule as sdpipe.pipeline.split_dataset
-        hashes = [hashlib.sha256(np.ascontiguousarray(im, dtype=np.float32).tobytes()).hexdigest() for im in images]
-        keep = np.array([assign_split(h, cfg.data.validation_fraction) == "validation" for h in hashes], dtype=bool)
-        images, labels = images[keep], labels[keep]
-        on = f"the validation split ({cfg.data.validation_fraction:.0%} by content hash)"
-    if len(images) == 0:
-        return {"value": None, "why": "the validation split is empty"}
+    split, on = "train", "the training split: the model was trained without a validation split"
+    if cfg.data.validation_fraction > 0:
+        split, on = "validation", f"the validation split ({cfg.data.validation_fraction:.0%} by content hash)"
+    try:
+        images = open_split(cfg.data, split)
+    except (ValueError, RuntimeError) as exc:  # e.g. an empty split, or data that changed since
+        return {"value": None, "why": str(exc)}
+    n = min(len(images), max_images)
+    x0, y = images.batch(torch.arange(n), torch.Generator().manual_seed(cfg.train.seed))
     loss_fn, _ = make_objective(cfg)
-    x0 = to_model_range(images, data.value_range)
-    y = torch.as_tensor(labels) if model.meta.class_names else None
-    value = validation_loss(model.unet, loss_fn, x0, y, seed=cfg.train.seed)
-    return {"value": value, "images": len(images), "on": on, "seed": cfg.train.seed}
+    value = validation_loss(model.unet, loss_fn, x0, y if model.meta.class_names else None, seed=cfg.train.seed)
+    return {"value": value, "images": n, "on": on, "seed": cfg.train.seed}
 
 
 def run_evaluation(
@@ -201,7 +197,7 @@ def run_evaluation(
         "memorization": memo,
         "evaluation": evaluation,
         "steps_sweep": sweep,
-        "validation_loss": model_validation_loss(model, data),
+        "validation_loss": model_validation_loss(model),
         "inside": {"seeds": seeds, "labels": labels, "attention_layers": sorted(maps)},
         "timings_s": timings,
     }

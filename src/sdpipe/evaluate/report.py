@@ -23,7 +23,8 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def loss_curve(history: list[dict]) -> str:
+def loss_curve(history: list[dict], validations: list[dict] | None = None) -> str:
+    """The training loss per step (and its running mean), with the validation losses when there are any."""
     steps = np.array([r["step"] for r in history])
     loss = np.array([r["loss"] for r in history])
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -31,10 +32,28 @@ def loss_curve(history: list[dict]) -> str:
     if len(loss) >= 20:
         k = max(len(loss) // 50, 5)
         ax.plot(steps[k - 1 :], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+    if validations:
+        ax.plot([v["step"] for v in validations], [v["val_loss"] for v in validations], "o-", label="validation")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.legend()
+    return _png(fig)
+
+
+def quality_curve(evaluations: list[dict]) -> str:
+    """`train.eval_every` results: FD ratio and label accuracy against the training step."""
+    steps = [e["step"] for e in evaluations]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(steps, [e["fd_ratio"] for e in evaluations], "o-", label="FD ratio (lower is better)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("FD ratio")
+    if all("label_accuracy" in e for e in evaluations):
+        acc = ax.twinx()
+        acc.plot(steps, [e["label_accuracy"] for e in evaluations], "s--", color="tab:green", label="label accuracy")
+        acc.set_ylabel("label accuracy")
+        acc.set_ylim(0, 1)
+    ax.legend(loc="upper right")
     return _png(fig)
 
 
@@ -77,7 +96,10 @@ def write_report(
     timings: dict[str, float],
 ) -> Path:
     ev = metrics["evaluation"]
-    events = metrics.get("train", {}).get("events", [])  # non-finite steps skipped, rollbacks
+    all_events = metrics.get("train", {}).get("events", [])
+    validations = [e for e in all_events if e["event"] == "validation"]
+    evaluations = [e for e in all_events if e["event"] == "evaluation"]
+    events = [e for e in all_events if e["event"] not in ("validation", "evaluation")]  # skipped steps, rollbacks
     keys = ["sampler", "steps", "guidance", "fd_ratio", "label_accuracy", "near_copy_share", "images_per_s"]
     judge = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in ev["judge"].items())
     per_class = ev["default"].get("label_accuracy_per_class", {})
@@ -93,7 +115,9 @@ def write_report(
         "<h2>Training events</h2>",
         _table(events, ["step", "event", "consecutive", "to_step", "lr_scale"]) if events else "<p>none</p>",
         "<h2>Training loss</h2>",
-        f'<img alt="loss curve" src="{loss_curve(history)}">',
+        f'<img alt="loss curve" src="{loss_curve(history, validations)}">',
+        "<h2>Quality during training</h2>" if evaluations else "",
+        f'<img alt="quality over training" src="{quality_curve(evaluations)}">' if evaluations else "",
         "<h2>Samples</h2>",
         f'<img alt="sample grid" src="{sample_grid(grid_pixels, grid_rows, row_names)}">',
         "<h2>Timings (seconds)</h2>",
