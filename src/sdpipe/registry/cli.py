@@ -7,8 +7,9 @@ Every command takes `--registry-url` (env `SDPIPE_REGISTRY_URL`; default a SQLit
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -49,6 +50,7 @@ StoreOpt = Annotated[
         show_default=False,
     ),
 ]
+T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 NameArg = Annotated[str, typer.Argument(help="Model name: lowercase letters, digits, '.', '_', '-'.")]
 AliasArg = Annotated[str, typer.Argument(help="Alias, e.g. production or staging.")]
@@ -62,6 +64,15 @@ def _open(url: str | None, store: Path | None) -> Registry:
         return Registry(url, store)
     except RegistryError as exc:
         raise _fail(str(exc)) from None
+
+
+def _on(url: str | None, store: Path | None, action: Callable[[Registry], T], code: int = 2) -> T:
+    """`action` on the registry at `url`; a RegistryError becomes one red line and exit `code`."""
+    reg = _open(url, store)
+    try:
+        return action(reg)
+    except RegistryError as exc:
+        raise _fail(str(exc), code) from None
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -86,11 +97,7 @@ def register(
     json_: JsonOpt = False,
 ) -> None:
     """Copy MODEL_DIR into the registry as the next version of NAME (same weights: the existing version)."""
-    reg = _open(registry_url, store)
-    try:
-        version = reg.register(model_dir, name, metrics=metrics)
-    except RegistryError as exc:
-        raise _fail(str(exc)) from None
+    version = _on(registry_url, store, lambda reg: reg.register(model_dir, name, metrics=metrics))
     if json_:
         return _json(version.to_dict())
     state = "registered" if version.created else "already registered (same weights) as"
@@ -107,11 +114,7 @@ def alias(
     json_: JsonOpt = False,
 ) -> None:
     """Point NAME@ALIAS at VERSION (creating the alias if needed); the move is logged."""
-    reg = _open(registry_url, store)
-    try:
-        move = reg.alias(name, alias, version)
-    except RegistryError as exc:
-        raise _fail(str(exc)) from None
+    move = _on(registry_url, store, lambda reg: reg.alias(name, alias, version))
     _print_move(move, json_)
 
 
@@ -124,11 +127,7 @@ def rollback(
     json_: JsonOpt = False,
 ) -> None:
     """Move NAME@ALIAS back to the version it pointed to before (again to go further back)."""
-    reg = _open(registry_url, store)
-    try:
-        move = reg.rollback(name, alias)
-    except RegistryError as exc:
-        raise _fail(str(exc)) from None
+    move = _on(registry_url, store, lambda reg: reg.rollback(name, alias))
     _print_move(move, json_)
 
 
@@ -154,11 +153,7 @@ def show(ref: RefArg, registry_url: UrlOpt = None, store: StoreOpt = None, json_
     """Show one version: where it is stored, its hashes, aliases and lineage."""
     from sdpipe.registry.names import parse_ref
 
-    reg = _open(registry_url, store)
-    try:
-        version = reg.show(parse_ref(ref))
-    except RegistryError as exc:
-        raise _fail(str(exc)) from None
+    version = _on(registry_url, store, lambda reg: reg.show(parse_ref(ref)))
     if json_:
         return _json(version.to_dict())
     _print_version(version)
@@ -172,11 +167,7 @@ def history(
     json_: JsonOpt = False,
 ) -> None:
     """The append-only log of every register, alias and rollback, with time and user, oldest first."""
-    reg = _open(registry_url, store)
-    try:
-        found = reg.history(name)
-    except RegistryError as exc:
-        raise _fail(str(exc)) from None
+    found = _on(registry_url, store, lambda reg: reg.history(name))
     if json_:
         return _json([e.to_dict() for e in found])
     table = Table()
@@ -195,12 +186,12 @@ def verify(ref: RefArg, registry_url: UrlOpt = None, store: StoreOpt = None) -> 
     """Check that a stored version is unchanged: its files' content hash and its weights hash."""
     from sdpipe.registry.names import parse_ref
 
-    reg = _open(registry_url, store)
-    try:
+    def verify_and_load(reg: Registry) -> Version:
         version = reg.verify(parse_ref(ref))
         reg.load(version.ref)
-    except RegistryError as exc:
-        raise _fail(str(exc), 1) from None
+        return version
+
+    version = _on(registry_url, store, verify_and_load, code=1)
     out_console.print(f"{version.ref} is intact: {version.content_hash}, weights {version.weights_hash}")
 
 
