@@ -5,6 +5,8 @@
 Both make the same n class-conditional digits (labels cycling 0..9) at the model's guidance scale:
 
 - plain: the loop from the README (DDIM, 50 steps, `torch.no_grad`, eager), in batches of `--batch` images;
+         for an EDM-preconditioned model (the default recipe) DDIM does not apply, and the plain loop uses
+         diffusers' EDMEulerScheduler instead: DDIM's counterpart, first-order steps of the same ODE;
 - ours:  `sdpipe.sampling.generate` with the model's own settings (sampler, steps, micro-batch), the UNet in
          channels_last memory format and compiled with `torch.compile` (warm-up excluded, compile time shown),
          under `torch.inference_mode`; and, for reference, `generate` as shipped (eager).
@@ -27,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_edm_euler import EDMEulerScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdpipe.config import load_config
@@ -65,9 +68,10 @@ def unet_flops_per_image(model: LoadedModel, batch: int, guided: bool) -> float:
 def plain_diffusers(
     model: LoadedModel, labels: torch.Tensor, guidance: float, batch: int, steps: int = 50
 ) -> torch.Tensor:
-    """The README's vanilla loop with DDIM and classifier-free guidance: no sdpipe code."""
+    """The README's vanilla loop with DDIM (EDM Euler for EDM models) and classifier-free guidance: no sdpipe code."""
     m = model.meta
-    sched = DDIMScheduler.from_config(model.scheduler_config)
+    edm = "sigma_data" in model.scheduler_config
+    sched = (EDMEulerScheduler if edm else DDIMScheduler).from_config(model.scheduler_config)
     gen = torch.Generator().manual_seed(1)
     out = []
     for i in range(0, len(labels), batch):
@@ -161,7 +165,8 @@ def main() -> None:
             best[name] = min(best.get(name, float("inf")), seconds)
     vr = model.meta.value_range
     setup = f"sdpipe {spec.sampler} x{spec.steps}, micro-batch {spec.micro_batch}, inference_mode"
-    results["plain"] = {"setup": f"diffusers DDIM x50, no_grad, eager, batch {batch}"}
+    plain_name = "EDM Euler" if "sigma_data" in model.scheduler_config else "DDIM"
+    results["plain"] = {"setup": f"diffusers {plain_name} x50, no_grad, eager, batch {batch}"}
     results["ours_eager"] = {"setup": setup + " (generate as shipped: eager)"}
     results["ours"] = {
         "setup": setup + ", channels_last" + ("" if args.no_compile else ", torch.compile"),

@@ -18,6 +18,9 @@ from sdpipe.sampling import make_scheduler
 from sdpipe.train import sampler_config
 
 TINY = [
+    # the ddpm formulation, so tests can use every sampler (an EDM model samples with euler/dpmpp_2m only)
+    "diffusion.formulation=ddpm",
+    "train.loss_weighting=uniform",
     "model.block_out_channels=[16, 32]",
     "model.norm_num_groups=8",
     "model.attention_head_dim=8",

@@ -25,6 +25,8 @@ def test_overrides_are_typed_and_applied() -> None:
             "train.steps=7",
             "model.block_out_channels=[8, 16]",
             "sample.sampler=ddim",
+            "diffusion.formulation=ddpm",  # DDIM has no EDM scheduler
+            "train.loss_weighting=uniform",
             "train.loss_weighting=min_snr",
             "model.norm_num_groups=8",
         ],

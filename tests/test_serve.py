@@ -30,6 +30,8 @@ from sdpipe.serve.metrics import ServeMetrics
 from sdpipe.serve.settings import ServeSettings
 
 TINY = [
+    "diffusion.formulation=ddpm",  # every sampler applies (test_edm_model_takes_only_its_samplers: the rest)
+    "train.loss_weighting=uniform",
     "model.block_out_channels=[16, 32]",
     "model.norm_num_groups=8",
     "model.attention_head_dim=8",
@@ -324,3 +326,13 @@ def test_bad_outputs_are_counted(model_a: Path) -> None:
     text = metrics.render()[0].decode()
     assert 'sdpipe_bad_images_total{kind="nonfinite"} 1.0' in text
     assert 'sdpipe_bad_images_total{kind="blank"} 1.0' in text
+
+
+def test_edm_model_takes_only_its_samplers(tmp_path: Path) -> None:
+    edm = random_model(tmp_path / "edm", 0, sets=[t for t in TINY if "formulation" not in t and "weighting" not in t])
+    with TestClient(create_app(lambda: edm, ServeSettings(max_n=4, max_steps=8))) as c:
+        wait_ready(c)
+        assert c.get("/v1/model").json()["samplers"] == ["euler", "dpmpp_2m", "dpmpp_2m_karras"]
+        r = c.post("/v1/generate", json={"n": 1, "sampler": "ddim"})
+        assert r.status_code == 422 and "sampler" in [e["loc"][-1] for e in r.json()["detail"]]
+        assert c.post("/v1/generate", json={"n": 1, "sampler": "euler"}).status_code == 200

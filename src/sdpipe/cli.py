@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sdpipe.config import ConfigError, PipelineConfig, load_config, validate_config
+from sdpipe.config import ConfigError, PipelineConfig, load_config
 
 app = typer.Typer(
     help="sdpipe: from a pile of data to a trained, evaluated diffusion model.",
@@ -80,7 +80,7 @@ def generate(
     from sdpipe.sampling.files import generate_files
 
     loaded = _load(model)
-    spec = _spec(loaded.meta.config, steps, sampler, guidance)
+    spec = _spec(loaded, steps, sampler, guidance)
     try:
         records = generate_files(
             loaded, out, label=label, n=n, seed=seed, spec=spec, batch_size=batch_size, show_progress=not quiet
@@ -203,17 +203,14 @@ def _resolve(ref: str) -> Path:
         raise _fail(str(exc)) from None
 
 
-def _spec(model_config: dict, steps: int | None, sampler: str | None, guidance: float | None):
+def _spec(loaded, steps: int | None, sampler: str | None, guidance: float | None):
     """The model's own sampling settings (its measured best), with the options given on the command line."""
-    from sdpipe.sampling import SampleSpec
+    from sdpipe.sampling.generate import model_sample_spec
 
-    sample = dict(model_config.get("sample", {}))
-    sample.update({k: v for k, v in (("steps", steps), ("sampler", sampler), ("guidance", guidance)) if v is not None})
     try:
-        s = validate_config({"sample": sample}).sample
+        return model_sample_spec(loaded.meta.config, loaded.scheduler_config, steps, sampler, guidance)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    return SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)
 
 
 def _print_summary(metrics: dict, out: Path) -> None:

@@ -88,7 +88,7 @@ class DiffusionConfig(_Section):
     # "ddpm": the discrete-time process above, target `prediction_type`. "edm": EDM's preconditioning and
     # sigma schedule (Karras et al. 2022): sigma in [sigma_min, sigma_max], data std sigma_data; sampled with
     # diffusers' EDM schedulers, so only the euler and dpmpp_2m(_karras) samplers apply
-    formulation: Literal["ddpm", "edm"] = "ddpm"
+    formulation: Literal["ddpm", "edm"] = "edm"
     sigma_min: float = Field(default=0.002, gt=0)
     sigma_max: float = Field(default=80.0, gt=0)
     sigma_data: float = Field(default=0.5, gt=0)  # also used by the "edm" loss weighting
@@ -104,7 +104,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(default=1.0, gt=0)
     # weight of each noise level in the loss: "uniform" on the target, "min_snr" (min(SNR, gamma) on the x0
     # error, Hang et al. 2023) or "edm" (Karras et al. 2022's lambda(sigma); what the "edm" formulation uses)
-    loss_weighting: Literal["uniform", "min_snr", "edm"] = "uniform"
+    loss_weighting: Literal["uniform", "min_snr", "edm"] = "edm"
     min_snr_gamma: float = Field(default=5.0, gt=0)
     # which noise levels are trained: "uniform" over timesteps, or EDM's ln(sigma) ~ N(mean, std^2)
     # (Karras et al. 2022) mapped to the nearest timestep of the schedule
@@ -177,10 +177,10 @@ class PipelineConfig(_Section):
         return self
 
 
-def _format_errors(err: ValidationError, root: type[BaseModel]) -> str:
+def _format_errors(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = prefix + ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             allowed = _fields_at(root, [str(p) for p in e["loc"][:-1]])
@@ -236,6 +236,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _set_dotted(tree, *parse_override(item))
     return validate_config(tree)
+
+
+def validate_section(section: str, values: dict[str, Any]) -> Any:
+    """One section alone (e.g. a saved model's sample settings with a user's changes), errors as for a config."""
+    model: Any = PipelineConfig.model_fields[section].annotation
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, model, prefix=f"{section}.")) from None
 
 
 def validate_config(tree: dict[str, Any]) -> PipelineConfig:

@@ -1,7 +1,13 @@
 """Sampling stage: diffusers schedulers by name, and seed-per-image generation."""
 
 from sdpipe.sampling.generate import SampleSpec, denoise, generate
-from sdpipe.sampling.schedulers import SAMPLERS, edm_scheduler_config, make_scheduler, training_scheduler_config
+from sdpipe.sampling.schedulers import (
+    SAMPLERS,
+    edm_scheduler_config,
+    make_scheduler,
+    samplers_for,
+    training_scheduler_config,
+)
 
 __all__ = [
     "SAMPLERS",
@@ -10,5 +16,6 @@ __all__ = [
     "edm_scheduler_config",
     "generate",
     "make_scheduler",
+    "samplers_for",
     "training_scheduler_config",
 ]

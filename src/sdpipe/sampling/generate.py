@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.unets.unet_2d import UNet2DModel
 
-from sdpipe.sampling.schedulers import Scheduler, make_scheduler
+from sdpipe.config import ConfigError, validate_section
+from sdpipe.sampling.schedulers import Scheduler, make_scheduler, samplers_for
 
 # on_step(step index, timestep, x0 prediction (B, C, H, W)) for `denoise`
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -32,6 +33,20 @@ class SampleSpec:
     steps: int = 20
     guidance: float = 1.0
     micro_batch: int = 64
+
+
+def model_sample_spec(
+    model_config: dict, scheduler_config: dict, steps: int | None, sampler: str | None, guidance: float | None
+) -> SampleSpec:
+    """A saved model's own sampling settings (its measured best) with a user's changes, checked like a
+    config; raises ConfigError naming the setting, e.g. a sampler that does not apply to this model."""
+    sample = dict(model_config.get("sample", {}))
+    sample.update({k: v for k, v in (("steps", steps), ("sampler", sampler), ("guidance", guidance)) if v is not None})
+    s = validate_section("sample", sample)
+    usable = samplers_for(scheduler_config)
+    if s.sampler not in usable:
+        raise ConfigError(f"sample.sampler {s.sampler!r} does not apply to this model; use one of: {', '.join(usable)}")
+    return SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)
 
 
 def _micro_batches(seeds: list[int], micro_batch: int) -> Iterator[list[int]]:

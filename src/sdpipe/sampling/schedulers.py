@@ -74,6 +74,11 @@ def edm_scheduler_config(sigma_min: float, sigma_max: float, sigma_data: float) 
     return {"sigma_min": sigma_min, "sigma_max": sigma_max, "sigma_data": sigma_data, "prediction_type": "epsilon"}
 
 
+def samplers_for(model_scheduler_config: dict[str, Any]) -> list[str]:
+    """The sampler names that apply to a model with this saved scheduler config."""
+    return list(EDM_SAMPLERS if "sigma_data" in model_scheduler_config else SAMPLERS)
+
+
 def make_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Scheduler:
     """A fresh scheduler for sampler `name`, matching the noise schedule in `model_scheduler_config`."""
     edm = "sigma_data" in model_scheduler_config

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdpipe.config import SamplerName
+from sdpipe.sampling import samplers_for
 from sdpipe.sampling.files import parse_labels
 from sdpipe.serve.batching import Batcher, GenerateJob, InvalidRequest, QueueFull, sample_spec
 from sdpipe.serve.holder import ModelHolder, Resolver
@@ -192,7 +193,7 @@ def create_app(resolver: Resolver, settings: ServeSettings | None = None, api_ke
             "class_names": model.meta.class_names,
             "image_size": model.meta.image_size,
             "channels": model.meta.channels,
-            "samplers": list(get_args(SamplerName)),
+            "samplers": samplers_for(model.scheduler_config),
             "defaults": {"sampler": spec.sampler, "steps": spec.steps, "guidance": spec.guidance},
             "limits": limits | {"max_seed": MAX_SEED},
         }
@@ -206,6 +207,9 @@ def create_app(resolver: Resolver, settings: ServeSettings | None = None, api_ke
             parse_labels(req.label, req.n, model.meta.class_names)
         except ValueError as exc:
             return _invalid("label", str(exc))
+        usable = samplers_for(model.scheduler_config)
+        if req.sampler is not None and req.sampler not in usable:
+            return _invalid("sampler", f"{req.sampler!r} does not apply to this model; use one of: {', '.join(usable)}")
         job = GenerateJob(req.n, req.seed, req.label, req.steps, req.sampler, req.guidance)
         try:
             batcher.submit(job)

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sdpipe.config import ConfigError, validate_config
+from sdpipe.config import ConfigError
 from sdpipe.models import LoadedModel
 from sdpipe.sampling.files import encode_png, parse_labels, png_info, sample_record, to_pixels
-from sdpipe.sampling.generate import SampleSpec, denoise
+from sdpipe.sampling.generate import SampleSpec, denoise, model_sample_spec
 from sdpipe.serve.metrics import ServeMetrics
 from sdpipe.serve.settings import ServeSettings
 
@@ -72,13 +72,10 @@ class GenerateJob:
 
 def sample_spec(model: LoadedModel, steps: int | None, sampler: str | None, guidance: float | None) -> SampleSpec:
     """The model's own sampling settings with a request's options, as `sdpipe generate` chooses them."""
-    sample = dict(model.meta.config.get("sample", {}))
-    sample.update({k: v for k, v in (("steps", steps), ("sampler", sampler), ("guidance", guidance)) if v is not None})
     try:
-        s = validate_config({"sample": sample}).sample
+        return model_sample_spec(model.meta.config, model.scheduler_config, steps, sampler, guidance)
     except ConfigError as exc:
         raise InvalidRequest(None, str(exc)) from None
-    return SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)
 
 
 def pack_rows(items: list[Item], micro_batch: int) -> list[dict[int, Item]]:
