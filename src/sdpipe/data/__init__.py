@@ -5,10 +5,27 @@ gives any source's split as a streaming `ImageSet`; `check_source_unchanged` ref
 since it was validated. See docs/data.md.
 """
 
-from sdpipe.data.digits import DataCheck, Dataset, check_dataset, load_dataset, to_model_range, to_source_range
-from sdpipe.data.imageset import ImageSet, ensure_validated, open_split
-from sdpipe.data.splits import assign_split
-from sdpipe.data.versioning import SourceChangedError, check_source_unchanged
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdpipe.data.digits import DataCheck, Dataset, check_dataset, load_dataset, to_model_range, to_source_range
+    from sdpipe.data.imageset import ImageSet, ensure_validated, open_split
+    from sdpipe.data.splits import assign_split
+    from sdpipe.data.versioning import SourceChangedError, check_source_unchanged
+
+# name -> module; imported on first use, so `sdpipe data --help` (and every sdpipe command's start) does not
+# import torch just to register the data commands
+_HOME = {
+    **dict.fromkeys(
+        ["DataCheck", "Dataset", "check_dataset", "load_dataset", "to_model_range", "to_source_range"], "digits"
+    ),
+    **dict.fromkeys(["ImageSet", "ensure_validated", "open_split"], "imageset"),
+    "assign_split": "splits",
+    **dict.fromkeys(["SourceChangedError", "check_source_unchanged"], "versioning"),
+}
 
 __all__ = [
     "Dataset",
@@ -24,3 +41,9 @@ __all__ = [
     "to_model_range",
     "to_source_range",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'sdpipe.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sdpipe.data.{_HOME[name]}"), name)
