@@ -6,10 +6,10 @@ nothing about distances in another:
 - `FeatureNet` (the offline default): a small CNN classifier that sdpipe trains on the real images
   themselves, deterministically (fixed seed, fixed schedule), cached by `dataset_id`. Its penultimate layer
   gives the features and its head the class predictions used for the per-class accuracy of samples.
-- `InceptionFeatures` (`--inception PATH`): the 2048-d pool features of the FID Inception-v3
+- `InceptionFeatures` (`--inception PATH`): the 2048-d pool3 features of the FID Inception-v3
   (`pt_inception-2015-12-05-6726825d.pth`, the file pytorch-fid and torch-fidelity use), loaded from a local
-  file only, after checking its sha256; it runs through torchmetrics' `NoTrainInceptionV3`, which needs the
-  `torch-fidelity` package.
+  file only, after checking its sha256; the network is `sdpipe.evaluate.inception.FIDInceptionV3`, a plain
+  PyTorch port of torch-fidelity's extractor (no torch-fidelity or torchvision needed).
 
 Every extractor takes uint8 pixels as `sdpipe.sampling.files.to_pixels` returns them: (N, H, W) or (N, H, W, C).
 The cache lives in `$SDPIPE_CACHE_DIR` (default `~/.cache/sdpipe`).
@@ -200,27 +200,33 @@ def real_features(extractor: FeatureExtractor, pixels: np.ndarray, dataset_id: s
 
 
 class InceptionFeatures:
-    """FID Inception-v3 pool features (2048-d) from a local weights file, checked against its sha256."""
+    """FID Inception-v3 pool3 features (2048-d) from a local weights file, checked against its sha256."""
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         check_inception_file(path)
-        if not _has_torch_fidelity():
-            raise RuntimeError(
-                f"{path} is the right file, but building Inception-v3 needs the torch-fidelity package, which "
-                "is not installed: `pip install torch-fidelity`, or leave out --inception to use sdpipe's "
-                "feature network"
-            )
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        from sdpipe.evaluate.inception import load_fid_inception
 
-        self.model = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
-        ).eval()
+        self.model = load_fid_inception(path)
         self.name = "inception-v3-2015-12-05-pool3"
         self.description = (
             f"Inception-v3 pool3 (2048-d) from {path.name} (sha256 {INCEPTION_SHA256[:12]}...): the standard FID "
             "features; images are resized to 299x299 inside the network and grey images repeated to RGB."
         )
+
+    @classmethod
+    def from_state_dict_unchecked(cls, state_dict: dict[str, torch.Tensor]) -> InceptionFeatures:
+        """The same features from weights that are NOT checked to be the FID file (for tests of the feature path).
+
+        Its `name` says so, so numbers from it are never taken for FID-Inception numbers.
+        """
+        from sdpipe.evaluate.inception import FIDInceptionV3
+
+        self = cls.__new__(cls)
+        self.model = FIDInceptionV3.from_state_dict(state_dict)
+        self.name = "inception-v3-unchecked-weights"
+        self.description = "Inception-v3 pool3 (2048-d) with unchecked weights: NOT the FID Inception features."
+        return self
 
     @torch.inference_mode()
     def features(self, pixels: np.ndarray) -> np.ndarray:
@@ -229,7 +235,7 @@ class InceptionFeatures:
             x = _to_nchw(pixels[i : i + 64])
             if x.shape[1] == 1:
                 x = x.repeat(1, 3, 1, 1)
-            out.append(self.model(x).reshape(len(x), -1).double().numpy())
+            out.append(self.model(x).double().numpy())
         return np.concatenate(out)
 
 
@@ -254,12 +260,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _has_torch_fidelity() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch_fidelity") is not None
 
 
 def _safe(name: str) -> str:
