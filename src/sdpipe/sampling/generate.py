@@ -14,7 +14,7 @@ looking inside the denoising trajectory; it only reads tensors, so it never chan
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -156,19 +156,15 @@ def generate(
         raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
     if len(set(seeds)) != len(seeds):
         raise ValueError("seeds must be distinct: one image per seed")
-    label_of = dict(zip(seeds, labels, strict=True)) if labels is not None else None
+    label_of = dict(zip(seeds, labels, strict=True)) if labels is not None else {}
     device = next(unet.parameters()).device
     m = spec.micro_batch
     result: dict[int, torch.Tensor] = {}
     for group in _micro_batches(seeds, m):
         rows = {s % m: s for s in group}
-        # padding rows get a generator of their own; their content never reaches a real row
-        gens = [torch.Generator("cpu").manual_seed(rows.get(r, r)) for r in range(m)]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        lab = None
-        if label_of is not None:
-            pad = null_label if null_label is not None else 0
-            lab = torch.tensor([label_of[rows[r]] if r in rows else pad for r in range(m)], device=device)
+        noise, lab, gens = row_inputs(
+            {r: (s, label_of.get(s)) for r, s in rows.items()}, m, shape, null_label, labels is not None, device
+        )
         step_cb: StepCallback | None = None
         if on_step is not None:
             step_cb = _per_seed(on_step, rows)
@@ -178,6 +174,27 @@ def generate(
         if progress is not None:
             progress(len(group))
     return torch.stack([result[s] for s in seeds])
+
+
+def row_inputs(
+    rows: Mapping[int, tuple[int, int | None]],
+    micro_batch: int,
+    shape: tuple[int, int, int],
+    null_label: int | None,
+    conditional: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Generator]]:
+    """Noise, labels (None for an unconditional model) and generators of one micro-batch whose row r holds
+    the image `rows[r] = (seed, label)`. Other rows are padding: a generator of their own (seeded r) and the
+    null label; their content never reaches a real row."""
+    gens = [torch.Generator("cpu").manual_seed(rows[r][0] if r in rows else r) for r in range(micro_batch)]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    labels = None
+    if conditional:
+        pad = null_label if null_label is not None else 0
+        row_labels = [rows[r][1] if r in rows else pad for r in range(micro_batch)]
+        labels = torch.tensor([pad if lab is None else lab for lab in row_labels], device=device)
+    return noise, labels, gens
 
 
 def _per_seed(on_step: Callable[[int, dict[int, torch.Tensor]], None], rows: dict[int, int]) -> StepCallback:

@@ -26,7 +26,7 @@ import torch
 from sdpipe.config import ConfigError
 from sdpipe.models import LoadedModel
 from sdpipe.sampling.files import encode_png, parse_labels, png_info, sample_record, to_pixels
-from sdpipe.sampling.generate import SampleSpec, denoise, model_sample_spec
+from sdpipe.sampling.generate import SampleSpec, denoise, model_sample_spec, row_inputs
 from sdpipe.serve.metrics import ServeMetrics
 from sdpipe.serve.settings import ServeSettings
 
@@ -94,15 +94,15 @@ def pack_rows(items: list[Item], micro_batch: int) -> list[dict[int, Item]]:
 def run_rows(model: LoadedModel, rows: dict[int, Item], spec: SampleSpec) -> torch.Tensor:
     """One micro-batch, exactly as `sampling.generate.generate` draws it: row r holds the image of the seed
     in `rows[r]` (noise and sampler noise from its own generator); other rows are padding."""
-    meta, m = model.meta, spec.micro_batch
-    device = next(model.unet.parameters()).device
-    gens = [torch.Generator("cpu").manual_seed(rows[r][0] if r in rows else r) for r in range(m)]
-    shape = (meta.channels, meta.image_size, meta.image_size)
-    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-    labels = None
-    if meta.class_names is not None:
-        pad = meta.null_label if meta.null_label is not None else 0
-        labels = torch.tensor([rows[r][1] if r in rows else pad for r in range(m)], device=device)
+    meta = model.meta
+    noise, labels, gens = row_inputs(
+        rows,
+        spec.micro_batch,
+        (meta.channels, meta.image_size, meta.image_size),
+        meta.null_label,
+        meta.class_names is not None,
+        next(model.unet.parameters()).device,
+    )
     return denoise(model.unet, model.scheduler_config, noise, labels, meta.null_label, spec, gens)
 
 
