@@ -109,7 +109,8 @@ class TrainConfig(_Section):
     # which noise levels are trained: "uniform" over timesteps, or EDM's ln(sigma) ~ N(mean, std^2)
     # (Karras et al. 2022) mapped to the nearest timestep of the schedule
     timestep_sampling: Literal["uniform", "lognormal"] = "uniform"
-    lognormal_mean: float = -1.2
+    # -0.8 rather than EDM's CIFAR-10 -1.2: 8x8 digits lose their shape at lower noise (measured, digits.yaml)
+    lognormal_mean: float = -0.8
     lognormal_std: float = Field(default=1.2, gt=0)
     ema_decay: float = Field(default=0.999, ge=0, lt=1)  # upper bound of the EMA decay
     ema_warmup_power: float = Field(default=0.5, gt=0, le=1)  # decay ramps as 1 - (1 + step)^-power
@@ -139,7 +140,7 @@ class TrainConfig(_Section):
 
 class SampleConfig(_Section):
     sampler: SamplerName = "dpmpp_2m"
-    steps: int = Field(default=20, ge=1, le=1000)
+    steps: int = Field(default=14, ge=1, le=1000)  # measured: as good as 20 within noise, 1.4x faster
     guidance: float = Field(default=1.0, ge=0, le=20)  # classifier-free guidance scale; 1 = none
     micro_batch: int = Field(default=64, ge=1, le=4096)  # fixed network batch: images never depend on n
 

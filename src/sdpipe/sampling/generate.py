@@ -30,7 +30,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 @dataclass(frozen=True)
 class SampleSpec:
     sampler: str = "dpmpp_2m"
-    steps: int = 20
+    steps: int = 14
     guidance: float = 1.0
     micro_batch: int = 64
 
