@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.unets.unet_2d import UNet2DModel
 
-from sdpipe.config import ConfigError, validate_section
+from sdpipe.config import ConfigError, SampleConfig, validate_section
 from sdpipe.sampling.schedulers import Scheduler, make_scheduler, samplers_for
 
 # on_step(step index, timestep, x0 prediction (B, C, H, W)) for `denoise`
@@ -29,10 +29,12 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class SampleSpec:
-    sampler: str = "dpmpp_2m"
-    steps: int = 14
-    guidance: float = 1.0
-    micro_batch: int = 64
+    """How to sample; its defaults are `SampleConfig`'s, the one place they are set."""
+
+    sampler: str = SampleConfig().sampler
+    steps: int = SampleConfig().steps
+    guidance: float = SampleConfig().guidance
+    micro_batch: int = SampleConfig().micro_batch
 
 
 def model_sample_spec(
@@ -192,7 +194,7 @@ def row_inputs(
     labels = None
     if conditional:
         pad = null_label if null_label is not None else 0
-        row_labels = [rows[r][1] if r in rows else pad for r in range(micro_batch)]
+        row_labels = [rows[r][1] if r in rows else None for r in range(micro_batch)]
         labels = torch.tensor([pad if lab is None else lab for lab in row_labels], device=device)
     return noise, labels, gens
 
