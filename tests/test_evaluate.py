@@ -9,7 +9,9 @@ import torch
 from diffusers.models.attention_processor import Attention
 from typer.testing import CliRunner
 
+from conftest import TINY, random_model
 from sdpipe.cli import app
+from sdpipe.evaluate.command import evaluate_saved_model
 from sdpipe.evaluate.inside import attention_maps, trajectory
 from sdpipe.models import load_model
 from sdpipe.sampling import SampleSpec, generate
@@ -142,3 +144,17 @@ def test_steps_sweep_leaves_out_samplers_a_model_cannot_use() -> None:
     edm, ddpm = edm_scheduler_config(0.002, 80.0, 0.5), training_scheduler_config("epsilon", "linear", 1000)
     assert [s for s in ("ddim", "dpmpp_2m", "unipc") if _applies(s, edm)] == ["dpmpp_2m"]
     assert all(_applies(s, ddpm) for s in ("ddim", "dpmpp_2m", "unipc"))
+
+
+def test_default_sweep_takes_the_samplers_the_model_takes(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SDPIPE_CACHE_DIR", str(cache))
+    edm = random_model(tmp_path / "edm", sets=[*TINY, "diffusion.formulation=edm", "train.loss_weighting=edm"])
+    quiet = {"n": 20, "steps": [2], "show_progress": False}
+    default = evaluate_saved_model(edm, tmp_path / "a", **quiet)  # type: ignore[arg-type]
+    assert [r["sampler"] for r in default["steps_sweep"]] == ["euler", "dpmpp_2m"]
+    assert not any("do not apply" in w for w in default.get("warnings", []))  # nothing asked for was left out
+    asked = evaluate_saved_model(edm, tmp_path / "b", samplers=["ddim", "dpmpp_2m"], **quiet)  # type: ignore[arg-type]
+    assert [r["sampler"] for r in asked["steps_sweep"]] == ["dpmpp_2m"]
+    assert any("ddim" in w and "do not apply" in w for w in asked["warnings"])

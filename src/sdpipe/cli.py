@@ -143,7 +143,12 @@ def evaluate(
     inception: Annotated[
         Path | None, typer.Option(help="pt_inception-2015-12-05-6726825d.pth for Inception features (sha256-checked).")
     ] = None,
-    samplers: Annotated[str, typer.Option(help="Samplers of the quality-vs-steps table.")] = "ddim,dpmpp_2m,unipc",
+    samplers: Annotated[
+        str | None,
+        typer.Option(
+            help="Samplers of the quality-vs-steps table [default: those of ddim,euler,dpmpp_2m,unipc the model takes]."
+        ),
+    ] = None,
     steps: Annotated[str, typer.Option(help="Step counts of the quality-vs-steps table.")] = "5,10,20,50",
     quiet: QuietOpt = False,
 ) -> None:
@@ -151,8 +156,8 @@ def evaluate(
     from sdpipe.evaluate.command import check_sweep, evaluate_saved_model, parse_list
 
     try:
-        names = parse_list(samplers, "--samplers")
-        counts = check_sweep(names, parse_list(steps, "--steps"))
+        names = None if samplers is None else parse_list(samplers, "--samplers")
+        counts = check_sweep(names or [], parse_list(steps, "--steps"))
         metrics = evaluate_saved_model(
             _resolve(model),
             out,

@@ -69,7 +69,8 @@ def evaluate_saved_model(
     if data_source is not None:
         tree["data"]["source"] = data_source
     cfg = validate_config(tree)  # --n and --data checked like any setting
-    samplers = samplers or DEFAULT_SAMPLERS
+    requested = samplers is not None
+    samplers = samplers if samplers is not None else DEFAULT_SAMPLERS
     steps = steps or DEFAULT_STEPS
     check_sweep(samplers, [str(s) for s in steps])
     data = load_dataset(cfg.data)
@@ -77,7 +78,7 @@ def evaluate_saved_model(
     spec = SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)  # the model's own sampling settings
     warnings = []
     usable = [name for name in samplers if _applies(name, model.scheduler_config)]
-    if usable != samplers:  # e.g. ddim and unipc for an EDM-preconditioned model
+    if requested and usable != samplers:  # e.g. ddim and unipc for an EDM-preconditioned model
         left_out = ", ".join(x for x in samplers if x not in usable)
         warnings.append(f"samplers {left_out} do not apply to this model: left out of the steps sweep")
     samplers = usable or [spec.sampler]

@@ -35,7 +35,9 @@ from sdpipe.sampling import SampleSpec
 from sdpipe.sampling.files import pixels_to_source
 from sdpipe.train import make_objective, validation_loss
 
-DEFAULT_SAMPLERS = ["ddim", "dpmpp_2m", "unipc"]
+# the sweep's samplers when none are asked for: those of these that apply to the model (an EDM model takes
+# euler and dpmpp_2m)
+DEFAULT_SAMPLERS = ["ddim", "euler", "dpmpp_2m", "unipc"]
 DEFAULT_STEPS = [5, 10, 20, 50]
 
 
@@ -140,8 +142,8 @@ def run_evaluation(
     cfg: EvaluateConfig,
     spec: SampleSpec,
     *,
-    samplers: list[str] | None = None,
-    steps: list[int] | None = None,
+    samplers: list[str],
+    steps: list[int],
     inception: Path | None = None,
     n_inside: int = 4,
     show_progress: bool = True,
@@ -167,8 +169,8 @@ def run_evaluation(
         evaluation["default"],
         spec,
         cfg,
-        samplers or DEFAULT_SAMPLERS,
-        steps or DEFAULT_STEPS,
+        samplers,
+        steps,
         show_progress,
     )
     timings["steps_sweep"] = time.perf_counter() - t
