@@ -233,6 +233,13 @@ def _print_summary(metrics: dict, out: Path) -> None:
             f"{r['images_per_s']:.0f}",
         )
     out_console.print(table)
+    judge = metrics["evaluation"].get("judge", {})
+    if "copied_training_images_fd_ratio" in judge and "heldout_real_fd_ratio" in judge:
+        copies = judge["copied_training_images_fd_ratio"]
+        out_console.print(
+            f"FD ratio for scale: random training images themselves {copies['mean']:.2f} (one set: "
+            f"{copies['min']:.2f}-{copies['max']:.2f}), new real images {judge['heldout_real_fd_ratio']:.2f}"
+        )
     if "timings_s" in metrics:
         out_console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings_s"].items()))
     out_console.print(

@@ -82,6 +82,22 @@ class Judge:
             ratios.append(frechet_distance(f_new, f_ref) / base)
         return float(np.mean(ratios))
 
+    def copier_ratio(self, labels: np.ndarray | None, n: int, repeats: int = 20) -> dict[str, float]:
+        """For scale: the FD ratio of a "generator" that returns n random training images themselves, drawn
+        with replacement (requested labels cycling through the classes when `labels`, the real images'
+        labels, are given, as the evaluation asks for them). Mean, min and max over `repeats` draws: the mean
+        is about what perfect memorization scores, the spread how much one set of n samples swings."""
+        rng = np.random.default_rng(self.seed)
+        by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)] if labels is not None else None
+        ratios = []
+        for _ in range(repeats):
+            if by_class is None:
+                pick = rng.choice(len(self.real_features), n)
+            else:
+                pick = np.array([rng.choice(by_class[i % len(by_class)]) for i in range(n)])
+            ratios.append(frechet_distance(self.real_features[pick], self.real_features) / self.baseline(n))
+        return {"mean": float(np.mean(ratios)), "min": float(np.min(ratios)), "max": float(np.max(ratios))}
+
     def score(self, samples: np.ndarray, requested: np.ndarray | None) -> dict:
         """Judge samples (N, ...) in source intensities; `requested` are the labels asked for, if any."""
         x = samples.reshape(len(samples), -1).astype(np.float64)

@@ -80,6 +80,8 @@ def _table(rows: list[dict], keys: list[str]) -> str:
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{html.escape(str(k))} {_fmt(x)}" for k, x in v.items())
     return html.escape(str(v))
 
 

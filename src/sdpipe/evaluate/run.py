@@ -109,9 +109,12 @@ def evaluate_model(
             "classifier_cv_accuracy_on_real": judge_accuracy_on_real(data, cfg.seed),
             "features": f"PCA({cfg.pca_components}) fitted on the real images",
             "fd_ratio_meaning": "Frechet distance to the real set / that of an equally large real subset",
+            # for scale, two ends: new real digits (what a model that generalizes perfectly would score) and
+            # random training images themselves (perfect memorization; min..max shows one set's spread)
             "heldout_real_fd_ratio": Judge.heldout_real_ratio(
                 data.images, pca_components=cfg.pca_components, seed=cfg.seed
             ),
+            "copied_training_images_fd_ratio": judge.copier_ratio(data.labels, cfg.n_samples),
             "near_copy_rule": "L2 to the nearest training image < smallest L2 between two distinct training images",
         },
     }
