@@ -26,14 +26,14 @@ import numpy as np
 
 from sdpipe.config import load_config
 from sdpipe.data import load_dataset
-from sdpipe.evaluate.judge import Judge, frechet_distance
+from sdpipe.evaluate.judge import Judge, draw_training_copies, frechet_distance
 from sdpipe.evaluate.run import fit_judge, sample_and_score
 
 
 def noisy_copies(judge: Judge, images: np.ndarray, labels: np.ndarray, n: int, noise: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
+    pick = draw_training_copies(len(images), labels, n, rng)
     requested = np.arange(n) % len(np.unique(labels))
-    pick = np.array([rng.choice(np.flatnonzero(labels == c)) for c in requested])
     x = images.reshape(len(images), -1)[pick] + noise * rng.standard_normal((n, images[0].size))
     return judge.score(np.clip(x, images.min(), images.max()), requested)
 

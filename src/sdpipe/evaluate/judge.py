@@ -30,6 +30,15 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
 
 
+def draw_training_copies(size: int, labels: np.ndarray | None, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of n training images drawn with replacement from a set of `size`: with the set's `labels`, the
+    i-th of class i % classes (labels in turn, as the evaluation requests them), else from the whole set."""
+    if labels is None:
+        return rng.choice(size, n)
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    return np.array([rng.choice(by_class[i % len(by_class)]) for i in range(n)])
+
+
 @dataclass
 class Judge:
     classifier: SVC
@@ -88,13 +97,9 @@ class Judge:
         labels, are given, as the evaluation asks for them). Mean, min and max over `repeats` draws: the mean
         is about what perfect memorization scores, the spread how much one set of n samples swings."""
         rng = np.random.default_rng(self.seed)
-        by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)] if labels is not None else None
         ratios = []
         for _ in range(repeats):
-            if by_class is None:
-                pick = rng.choice(len(self.real_features), n)
-            else:
-                pick = np.array([rng.choice(by_class[i % len(by_class)]) for i in range(n)])
+            pick = draw_training_copies(len(self.real_features), labels, n, rng)
             ratios.append(frechet_distance(self.real_features[pick], self.real_features) / self.baseline(n))
         return {"mean": float(np.mean(ratios)), "min": float(np.min(ratios)), "max": float(np.max(ratios))}
 
