@@ -106,7 +106,10 @@ class PlainLoop:
             self.ema.restore(self.unet.parameters())
             seconds, steps = self.trained, self.steps
             self.results.append({"seconds": seconds, "steps": steps, "samples_per_s": steps * 128 / seconds, **scores})
-            print(f"  plain  {seconds:6.0f} s  {steps:5d} steps  FD ratio {scores['fd_ratio']:.3f} {per_set(scores)}")
+            print(
+                f"  plain  {seconds:6.0f} s  {steps:5d} steps  FD ratio {scores['fd_ratio']:.3f} {per_set(scores)}",
+                flush=True,
+            )
 
     def train_until(self, seconds: float) -> None:
         """Step until this loop has trained `seconds` in all, or has passed its last checkpoint."""
@@ -142,7 +145,10 @@ def sdpipe_recipe(fractions: list[float], plain: PlainLoop, judge: Judge, n: int
         total += seconds
         scores = score(result.unet, sampler_config(cfg), judge, n, sets)
         results.append({"seconds": seconds, "steps": steps, "samples_per_s": steps * 128 / seconds, **scores})
-        print(f"  sdpipe {seconds:6.0f} s  {steps:5d} steps  FD ratio {scores['fd_ratio']:.3f} {per_set(scores)}")
+        print(
+            f"  sdpipe {seconds:6.0f} s  {steps:5d} steps  FD ratio {scores['fd_ratio']:.3f} {per_set(scores)}",
+            flush=True,
+        )
     return results
 
 

@@ -116,7 +116,7 @@ def train(
         unet.parameters(),
         lr=t_cfg.learning_rate,
         weight_decay=t_cfg.weight_decay,
-        fused=accelerator.device.type in ("cpu", "cuda") or None,
+        fused=True if accelerator.device.type in ("cpu", "cuda") else None,
     )
     lr_sched = get_scheduler(
         t_cfg.lr_schedule if t_cfg.lr_schedule == "cosine" else "constant_with_warmup",
