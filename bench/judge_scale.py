@@ -33,9 +33,8 @@ from sdpipe.evaluate.run import fit_judge, sample_and_score
 def noisy_copies(judge: Judge, images: np.ndarray, labels: np.ndarray, n: int, noise: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     pick = draw_training_copies(len(images), labels, n, rng)
-    requested = np.arange(n) % len(np.unique(labels))
     x = images.reshape(len(images), -1)[pick] + noise * rng.standard_normal((n, images[0].size))
-    return judge.score(np.clip(x, images.min(), images.max()), requested)
+    return judge.score(np.clip(x, images.min(), images.max()), labels[pick])  # each copy's own label
 
 
 def gaussian_new_data_ratio(features: np.ndarray, n: int, seed: int, repeats: int = 10) -> float:

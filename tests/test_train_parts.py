@@ -5,9 +5,10 @@ import math
 import torch
 
 from sdpipe.config import load_config
+from sdpipe.models import build_unet
 from sdpipe.train import noise_scheduler
 from sdpipe.train.loop import EpochSampler
-from sdpipe.train.losses import DiffusionLoss, TimestepSampler
+from sdpipe.train.losses import DiffusionLoss, EDMLoss, TimestepSampler, UncertaintyWeighting
 
 
 def test_min_snr_weight_for_v_prediction() -> None:
@@ -39,6 +40,49 @@ def test_lognormal_timesteps_follow_edm_sigma_distribution() -> None:
     assert abs(log_sigma.std().item() - 1.2) < 0.1
     uniform = TimestepSampler(sched, "uniform")(20000, torch.Generator().manual_seed(0))
     assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.float().mean().item() - 499.5) < 10
+
+
+def test_uncertainty_weighting_starts_as_the_base_loss(tiny_config) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    unet = build_unet(tiny_config.model, sample_size=8, channels=1, num_classes=10)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 1, 8, 8, generator=gen), torch.randn(6, 1, 8, 8, generator=gen)
+    labels, sigma = torch.arange(6), torch.tensor([0.01, 0.1, 0.5, 1.0, 5.0, 50.0])
+    base = EDMLoss()
+    weighted = UncertaintyWeighting(base)(unet, x0, labels, noise, sigma)
+    torch.testing.assert_close(weighted, base(unet, x0, labels, noise, sigma))
+    sched = noise_scheduler(load_config())  # a ddpm loss feeds it ln(sigma_t) / 4 the same way
+    ddpm, t = DiffusionLoss(sched, "edm"), torch.tensor([1, 500, 999])
+    abar = sched.alphas_cumprod[t]
+    torch.testing.assert_close(ddpm.noise_feature(t), 0.25 * 0.5 * torch.log((1 - abar) / abar))
+
+
+class _LevelLoss:
+    """A stand-in loss whose value at noise feature c is known: 0.05 + c^2, large at both ends as a denoiser's is."""
+
+    def noise_feature(self, level: torch.Tensor) -> torch.Tensor:
+        return level
+
+    def per_sample(self, unet, x0, labels, noise, level):  # type: ignore[no-untyped-def]
+        return 0.05 + level**2
+
+
+def test_uncertainty_weighting_learns_each_noise_levels_expected_loss() -> None:
+    """At its optimum exp(u(sigma)) is the expected loss at sigma (EDM2 eq. 21), so each level's share of the
+    gradient, loss / exp(u), is about 1 whatever the level's difficulty."""
+    weighting = UncertaintyWeighting(_LevelLoss())  # type: ignore[arg-type]
+    opt = torch.optim.Adam(weighting.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(1500):
+        level = torch.rand(256, generator=gen) * 3 - 1.5
+        loss = weighting(None, None, None, None, level)  # type: ignore[arg-type]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    c = torch.linspace(-1.4, 1.4, 15)
+    with torch.no_grad():
+        learned = weighting.log_variance(c).exp()
+    torch.testing.assert_close(learned, 0.05 + c**2, rtol=0.05, atol=0.0)
 
 
 def test_epoch_sampler_visits_every_index_once_per_epoch() -> None:

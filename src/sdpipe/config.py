@@ -106,6 +106,8 @@ class TrainConfig(_Section):
     # error, Hang et al. 2023) or "edm" (Karras et al. 2022's lambda(sigma); what the "edm" formulation uses)
     loss_weighting: Literal["uniform", "min_snr", "edm"] = "edm"
     min_snr_gamma: float = Field(default=5.0, gt=0)
+    # on top of that weighting, EDM2's learned per-noise-level uncertainty (Karras et al. 2024): loss / exp(u) + u
+    uncertainty_weighting: bool = True
     # which noise levels are trained: "uniform" over timesteps, or EDM's ln(sigma) ~ N(mean, std^2)
     # (Karras et al. 2022) mapped to the nearest timestep of the schedule
     timestep_sampling: Literal["uniform", "lognormal"] = "uniform"

@@ -1,6 +1,7 @@
 """Training checkpoints: safetensors for tensors, JSON for the rest, never pickle.
 
     RUN/checkpoints/step_000500/{model,ema,optimizer,rng}.safetensors + state.json
+                                (+ loss_weighting.safetensors when the loss has learned weights)
     RUN/checkpoints/latest                      # name of the last complete checkpoint
     RUN/checkpoints/best                        # name of the best validation's checkpoint, if validating
 
@@ -43,6 +44,7 @@ def save_checkpoint(
     optimizer: dict[str, Any],
     rng: dict[str, torch.Tensor],
     state: dict[str, Any],
+    loss_weighting: dict[str, torch.Tensor] | None = None,
     keep: int = 3,
     best: bool = False,
 ) -> Path:
@@ -61,6 +63,9 @@ def save_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file(rng, str(tmp / "rng.safetensors"))
+    if loss_weighting:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in loss_weighting.items()}
+        save_file(tensors, str(tmp / "loss_weighting.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_rest, **state}, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -85,6 +90,7 @@ class Checkpoint:
     optimizer: dict[str, Any]  # in the form of torch's Optimizer.state_dict()
     rng: dict[str, torch.Tensor]
     state: dict[str, Any]  # the rest of state.json
+    loss_weighting: dict[str, torch.Tensor]  # empty when the loss learns nothing
 
 
 def _pointed(pointer: Path) -> Path | None:
@@ -105,6 +111,7 @@ def latest_checkpoint(run_dir: Path, which: str = "latest") -> Path | None:
 def load_checkpoint(path: Path) -> Checkpoint:
     state = json.loads((path / "state.json").read_text())
     opt_rest = state.pop("optimizer")
+    weighting = path / "loss_weighting.safetensors"
     opt_state: dict[int, dict[str, Any]] = {}
     for key, tensor in load_file(str(path / "optimizer.safetensors")).items():
         idx, name = key.split(".", 1)
@@ -119,4 +126,5 @@ def load_checkpoint(path: Path) -> Checkpoint:
         optimizer={"state": opt_state, "param_groups": opt_rest["param_groups"]},
         rng=load_file(str(path / "rng.safetensors")),
         state=state,
+        loss_weighting=load_file(str(weighting)) if weighting.is_file() else {},
     )

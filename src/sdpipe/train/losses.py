@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
 from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from torch import nn
 
 
 class TimestepSampler:
@@ -69,9 +71,19 @@ class DiffusionLoss:
         """The noise level at `quantile` in [0, 1) of the levels validation covers: timesteps, uniformly."""
         return (quantile * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
 
+    def noise_feature(self, t: torch.Tensor) -> torch.Tensor:
+        """ln(sigma_t) / 4 for sigma_t = sqrt((1 - abar) / abar): the noise level on EDM's c_noise scale."""
+        return -0.125 * self.snr.to(t.device)[t].log()
+
     def __call__(
         self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
+        return self.per_sample(unet, x0, labels, noise, t).mean()
+
+    def per_sample(
+        self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Each sample's weighted loss, shape (N,)."""
         xt = self.sched.add_noise(x0, noise, cast(torch.IntTensor, t))
         if self.prediction_type == "epsilon":
             target = noise
@@ -81,7 +93,7 @@ class DiffusionLoss:
             target = x0
         pred = unet(xt, t, class_labels=labels).sample
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
-        return (self.weight(t).to(per_sample) * per_sample).mean()
+        return self.weight(t).to(per_sample) * per_sample
 
 
 class EDMLoss:
@@ -102,15 +114,56 @@ class EDMLoss:
         normal = torch.distributions.Normal(0.0, 1.0)
         return (self.p_mean + self.p_std * normal.icdf(quantile.float().clamp(1e-4, 1 - 1e-4))).exp()
 
+    def noise_feature(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_noise = ln(sigma) / 4, what the network is told of the noise level."""
+        return 0.25 * sigma.float().log()
+
     def __call__(
         self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
+        return self.per_sample(unet, x0, labels, noise, sigma).mean()
+
+    def per_sample(
+        self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """Each sample's weighted loss, shape (N,)."""
         sd = self.sigma_data
         s = sigma.float().view(-1, 1, 1, 1)
         x = x0 + s * noise
         c_skip = sd**2 / (s**2 + sd**2)
         c_out = s * sd / (s**2 + sd**2).sqrt()
         c_in = 1 / (s**2 + sd**2).sqrt()
-        out = unet(c_in * x, 0.25 * sigma.float().log(), class_labels=labels).sample
+        out = unet(c_in * x, self.noise_feature(sigma), class_labels=labels).sample
         target = (x0 - c_skip * x) / c_out
-        return (out.float() - target).pow(2).mean()
+        return (out.float() - target).pow(2).mean(dim=(1, 2, 3))
+
+
+class UncertaintyWeighting(nn.Module):
+    """EDM2's learned loss weighting (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of
+    Diffusion Models", sec. 5, eq. 21): a sample's loss L at noise level sigma becomes L / exp(u) + u, where
+    u(sigma) is a learned log-variance, a linear map of fixed random Fourier features of c_noise. Minimizing it
+    drives exp(u(sigma)) to the expected loss at sigma, so every noise level weighs about equally in the
+    gradient however hard it is. Zero-initialized, it starts out as the base loss."""
+
+    freqs: torch.Tensor
+    phases: torch.Tensor
+
+    def __init__(self, base: DiffusionLoss | EDMLoss, channels: int = 128, seed: int = 0) -> None:
+        super().__init__()
+        self.base = base
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(channels, generator=gen))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(channels, generator=gen))
+        self.linear = nn.Linear(channels, 1, bias=False)
+        nn.init.zeros_(self.linear.weight)
+
+    def log_variance(self, level: torch.Tensor) -> torch.Tensor:
+        """u at each sample's noise level (timesteps or sigmas, as the base loss takes them), shape (N,)."""
+        c_noise = self.base.noise_feature(level).float()
+        return self.linear(math.sqrt(2) * torch.cos(c_noise[:, None] * self.freqs + self.phases)).squeeze(1)
+
+    def forward(
+        self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, level: torch.Tensor
+    ) -> torch.Tensor:
+        u = self.log_variance(level)
+        return (self.base.per_sample(unet, x0, labels, noise, level) / u.exp() + u).mean()
