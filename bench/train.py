@@ -6,7 +6,11 @@
 
 The plain loop is what one writes in an afternoon from the diffusers docs: the same UNet2DModel, DDPMScheduler
 (cosine schedule, v-prediction), AdamW at a constant 1e-3 after a short warmup, diffusers' EMAModel with its
-default warmup, 10% label dropout, batch 128; sampled with DPM-Solver++ (20 steps, no guidance). Both are
+default warmup, 10% label dropout, batch 128; sampled with DPM-Solver++ (20 steps, no guidance). The two UNets
+have the same architecture and weights count; they differ only in the fixed frequencies of the sinusoidal
+timestep embedding, which each recipe matches to the timesteps it feeds the network: diffusers' default (1 down
+to 1e-4) for the plain loop's 0..999, and 1 up to 1000 for sdpipe's EDM c_noise = ln(sigma)/4, about -1.6..1.1
+(`sdpipe.train.recipe.time_embedding_max_frequency`). Both are
 scored by the foundation's judge (src/sdpipe/evaluate/judge.py: FD ratio, label accuracy, near-copies) on
 `--sets` sets of `--n` samples each (sample seeds 1e6.., 2e6.., ...; the FD ratio of one set of 1000 swings by
 about +-0.3 from set to set, so the mean over sets is what is compared); evaluation time is not counted as

@@ -14,11 +14,13 @@ from conftest import TINY
 from sdpipe.config import ConfigError, load_config
 from sdpipe.data import load_dataset, open_split
 from sdpipe.models import build_unet
+from sdpipe.models.unet import timestep_freq_shift
 from sdpipe.pipeline import train_model
 from sdpipe.sampling import edm_scheduler_config
 from sdpipe.train import make_objective, noise_scheduler, train, validation_loss
 from sdpipe.train.checkpoint import latest_checkpoint, load_checkpoint
 from sdpipe.train.losses import DiffusionLoss, EDMLoss
+from sdpipe.train.recipe import time_embedding_max_frequency
 from sdpipe.train.validation import EarlyStopping
 
 EDM = [*TINY, "diffusion.formulation=edm", "train.loss_weighting=edm"]
@@ -71,6 +73,31 @@ def test_edm_model_trains_saves_and_samples_in_vanilla_diffusers(tmp_path: Path)
             out = unet(sched.scale_model_input(x, t), t, class_labels=torch.tensor([3, 4])).sample
             x = sched.step(out, t, x).prev_sample
     assert torch.isfinite(x).all() and x.abs().max() < 10
+    # vanilla diffusers rebuilds the edm timestep embedding (frequencies up to 1000) from config.json
+    c_noise = torch.linspace(-1.5, 1.0, 7)
+    built = build_unet(cfg.model, sample_size=8, channels=1, num_classes=10, max_time_frequency=1000.0)
+    torch.testing.assert_close(unet.time_proj(c_noise), built.time_proj(c_noise))
+
+
+def test_timestep_embedding_frequencies_suit_the_formulation() -> None:
+    """diffusers' default embedding barely changes over EDM's c_noise; the edm formulation's resolves it."""
+    for half in (8, 16, 64):
+        for target in (10.0, 1000.0):
+            shift = timestep_freq_shift(half, target)
+            highest = 10000 ** ((half - 1) / (shift - half))
+            assert target / 1.5 < highest < target * 1.5
+    assert timestep_freq_shift(16, 1.0) == 0
+    with pytest.raises(ValueError, match="at least 1"):
+        timestep_freq_shift(16, 0.5)
+    edm_cfg, ddpm_cfg = load_config(None, EDM), load_config(None, TINY)
+    assert time_embedding_max_frequency(ddpm_cfg) == 1.0
+    c_noise = 0.25 * torch.log(torch.tensor([0.4, 0.5]))  # two nearby training noise levels
+    for cfg, lo, hi in ((ddpm_cfg, 0.0, 0.1), (edm_cfg, 0.9, 2.0)):
+        unet = build_unet(
+            cfg.model, sample_size=8, channels=1, num_classes=10, max_time_frequency=time_embedding_max_frequency(cfg)
+        )
+        emb = unet.time_proj(c_noise)
+        assert lo < (emb[0] - emb[1]).abs().max() < hi
 
 
 def test_validation_loss_is_deterministic_and_tracks_the_weights() -> None:

@@ -115,7 +115,7 @@ class TrainConfig(_Section):
     lognormal_mean: float = -0.8
     lognormal_std: float = Field(default=1.2, gt=0)
     ema_decay: float = Field(default=0.999, ge=0, lt=1)  # upper bound of the EMA decay
-    ema_warmup_power: float = Field(default=0.5, gt=0, le=1)  # decay ramps as 1 - (1 + step)^-power
+    ema_warmup_power: float = Field(default=0.67, gt=0, le=1)  # decay ramps as 1 - (1 + step)^-power
     label_dropout: float = Field(default=0.1, ge=0, le=1)  # share of labels replaced by the null label
     checkpoint_every: int = Field(default=500, ge=1)  # optimizer steps between checkpoints
     keep_checkpoints: int = Field(default=3, ge=1)  # the newest K are kept

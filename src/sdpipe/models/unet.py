@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import math
+
 from diffusers.models.unets.unet_2d import UNet2DModel
 
 from sdpipe.config import ModelConfig
 
 
-def build_unet(cfg: ModelConfig, *, sample_size: int, channels: int, num_classes: int | None) -> UNet2DModel:
+def timestep_freq_shift(half: int, max_frequency: float) -> int:
+    """The `freq_shift` of diffusers' sinusoidal timestep embedding (`half` sine/cosine pairs) whose
+    frequencies run from 1 up to about `max_frequency`; 0 (diffusers' default) for `max_frequency` 1.
+
+    The embedding's frequencies are 10000 ** (-i / (half - freq_shift)) for i < half: with the default shift
+    0 they fall from 1 to 1e-4, made for integer timesteps 0..999. A shift beyond `half` turns the exponent's
+    sign, so they rise from 1 to 10000 ** ((half - 1) / (freq_shift - half)). The shift is a field of the
+    UNet's config.json, so vanilla diffusers builds the same embedding."""
+    if max_frequency == 1.0:
+        return 0
+    if max_frequency < 1.0:
+        raise ValueError(f"max_frequency {max_frequency} must be at least 1")
+    return half + round((half - 1) * math.log(10000) / math.log(max_frequency))
+
+
+def build_unet(
+    cfg: ModelConfig, *, sample_size: int, channels: int, num_classes: int | None, max_time_frequency: float = 1.0
+) -> UNet2DModel:
     """A class-conditional UNet when `num_classes` is given: `num_class_embeds = num_classes + 1`, the
-    last index being the null (unconditional) label used for classifier-free guidance."""
+    last index being the null (unconditional) label used for classifier-free guidance. `max_time_frequency`
+    is the timestep embedding's highest frequency (see `timestep_freq_shift`), set by the training recipe
+    to suit the range of the timesteps the network is given."""
     levels = range(len(cfg.block_out_channels))
     down = tuple("AttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels)
     up = tuple("AttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels))
@@ -25,4 +46,5 @@ def build_unet(cfg: ModelConfig, *, sample_size: int, channels: int, num_classes
         norm_num_groups=cfg.norm_num_groups,
         resnet_time_scale_shift=cfg.resnet_time_scale_shift,
         num_class_embeds=None if num_classes is None else num_classes + 1,
+        freq_shift=timestep_freq_shift(cfg.block_out_channels[0] // 2, max_time_frequency),
     )

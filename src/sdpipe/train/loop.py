@@ -30,7 +30,7 @@ from sdpipe.data import ImageSet
 from sdpipe.models import build_unet
 from sdpipe.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from sdpipe.train.losses import UncertaintyWeighting
-from sdpipe.train.recipe import Loss, make_objective
+from sdpipe.train.recipe import Loss, make_objective, time_embedding_max_frequency
 from sdpipe.train.trackers import accelerator_tracking, finish_trackers, start_trackers
 from sdpipe.train.validation import EarlyStopping, validation_loss
 
@@ -108,7 +108,13 @@ def train(
 
     num_classes = len(data.class_names) if data.class_names else None  # None: an unconditional model
     channels, _, size = data.image_shape
-    unet = build_unet(cfg.model, sample_size=size, channels=channels, num_classes=num_classes)
+    unet = build_unet(
+        cfg.model,
+        sample_size=size,
+        channels=channels,
+        num_classes=num_classes,
+        max_time_frequency=time_embedding_max_frequency(cfg),
+    )
     if t_cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     loss_fn, noise_levels = make_objective(cfg)

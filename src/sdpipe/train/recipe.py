@@ -38,6 +38,19 @@ def sampler_config(cfg: PipelineConfig) -> dict[str, Any]:
     return dict(noise_scheduler(cfg).config)
 
 
+def time_embedding_max_frequency(cfg: PipelineConfig) -> float:
+    """The highest frequency of the UNet's sinusoidal timestep embedding (`sdpipe.models.build_unet`).
+
+    diffusers' default frequencies, 1 down to 1e-4, suit DDPM's timesteps 0..999. The edm formulation gives
+    the network c_noise = ln(sigma) / 4 instead, about -1.6..1.1 over the sampler's noise levels and mostly
+    -0.8..0.4 in training: over that span all but the first few default features are constant, and the
+    network must learn the noise level from near-linear ones. Frequencies 1 up to 1000 spread the features
+    over c_noise as the default ones spread over DDPM's timesteps. Measured at 555 steps (FD ratio, 4 sample
+    sets; training seeds 0 / 1 / 2): 2.50 / 2.68 / 2.64, mean 2.61, against 2.58 / 2.96 / 2.61, mean 2.72,
+    with the default frequencies; 1 up to 250 instead of 1000: mean 2.60."""
+    return 1000.0 if cfg.diffusion.formulation == "edm" else 1.0
+
+
 def make_objective(cfg: PipelineConfig) -> tuple[Loss, LevelSampler]:
     """The loss and the sampler of per-sample noise levels (timesteps for ddpm, sigmas for edm)."""
     d, t = cfg.diffusion, cfg.train
