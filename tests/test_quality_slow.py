@@ -38,7 +38,7 @@ def test_default_demo_meets_label_and_copy_bars(demo: DemoResult) -> None:
     assert default["fd_ratio"] <= 3.0  # regression guard: the default recipe measured 2.37 here (14 steps)
 
 
-@pytest.mark.xfail(strict=True, reason="the foundation issue's FD-ratio bar of 2.0 is not met yet (2.37)")
+@pytest.mark.xfail(strict=True, reason="the foundation issue's FD-ratio bar of 2.0 is not met yet (2.24)")
 def test_default_demo_meets_fd_bar(demo: DemoResult) -> None:
     assert demo.metrics["evaluation"]["default"]["fd_ratio"] <= 2.0
 
