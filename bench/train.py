@@ -1,7 +1,7 @@
 """Training benchmark: sdpipe's default recipe against a plain diffusers training loop, same model, one run.
 
     python bench/train.py                     # plain loop for 240 s; sdpipe at 37, 40, 47 and 100 % of its steps
-    python bench/train.py --seeds 0 1 2 --fractions 0.37 0.47  # both loops from 3 training seeds, FD averaged
+    python bench/train.py --seeds 0 1 2 --fractions 0.37 0.42  # both loops from 3 training seeds, FD averaged
     python bench/train.py --budget 60 --n 300 --sets 1 --fractions 0.2  # a quick look
 
 The plain loop is what one writes in an afternoon from the diffusers docs: the same UNet2DModel, DDPMScheduler
