@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser demo test test-slow clean
+.PHONY: setup browser databases demo test test-slow clean
 
 $(BIN)/sdpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,27 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	    echo "note: no chromium/chromedriver; the web page test will be skipped"; }
 
+# The registry's database-server tests (tests/test_registry_servers.py) run against this machine's PostgreSQL
+# and MariaDB/MySQL: as root, a throwaway role sdpipe_test is made on each server that answers (idempotent);
+# where none answers, or the variable is set empty, those tests skip, saying why
+export SDPIPE_TEST_POSTGRES_URL ?= postgresql+psycopg://sdpipe_test:sdpipe_test@127.0.0.1:5432/postgres
+export SDPIPE_TEST_MYSQL_URL ?= mysql+pymysql://sdpipe_test:sdpipe_test@127.0.0.1:3306
+PG_ROLE := CREATE ROLE sdpipe_test LOGIN CREATEDB PASSWORD 'sdpipe_test'
+MY_USER := CREATE USER IF NOT EXISTS 'sdpipe_test'@'127.0.0.1' IDENTIFIED BY 'sdpipe_test'; \
+	GRANT ALL PRIVILEGES ON \`sdpipe\\_test\\_%\`.* TO 'sdpipe_test'@'127.0.0.1'
+
+databases:
+	@[ "$$(id -u)" = 0 ] || exit 0; cd /; \
+	if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1; then \
+	  su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'sdpipe_test'\"" | grep -q 1 || \
+	  su postgres -c "psql -qc \"$(PG_ROLE)\"" || echo "note: no PostgreSQL role for the tests"; fi; \
+	if command -v mariadb >/dev/null && mariadb -uroot -e "SELECT 1" >/dev/null 2>&1; then \
+	  mariadb -uroot -e "$(MY_USER)" || echo "note: no MariaDB user for the tests"; fi
+
 demo: setup
 	$(BIN)/sdpipe demo --out runs/demo
 
-test: setup browser
+test: setup browser databases
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src/sdpipe

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,34 @@ def _private_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["SDPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["SDPIPE_HOME"] = str(tmp_path_factory.mktemp("home"))
     os.environ.pop("SDPIPE_REGISTRY_URL", None)
+
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The process's umask set to each of two usual values for one test, then restored."""
+    previous = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(previous)
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The uvicorn servers `sdpipe serve` ran, which do not listen: their run only records them (and closes
+    their sockets), so a test of the command returns as soon as it would serve."""
+    import uvicorn
+
+    servers: list[uvicorn.Server] = []
+
+    def run(self: uvicorn.Server, sockets: list | None = None) -> None:
+        servers.append(self)
+        self.started = True
+        for sock in sockets or []:
+            sock.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    return servers
 
 
 @pytest.fixture(scope="session")

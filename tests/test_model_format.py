@@ -1,12 +1,14 @@
 """The model directory is plain diffusers + sdpipe.json, loadable by vanilla diffusers, never pickled."""
 
 import json
+import stat
 from pathlib import Path
 
 import diffusers
 import torch
 from diffusers import UNet2DModel
 
+from conftest import random_model
 from sdpipe.models import load_model, weights_hash
 from sdpipe.sampling import SampleSpec, denoise
 
@@ -79,3 +81,15 @@ def test_missing_parts_give_clear_errors(tiny_model_dir: Path, tmp_path: Path) -
     (broken / "sdpipe.json").unlink()
     with pytest.raises(FileNotFoundError, match="sdpipe.json is missing"):
         load_model(broken)
+
+
+def modes(folder: Path) -> dict[str, int]:
+    """Permission bits of a folder and of everything in it, by relative path."""
+    return {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+
+
+def test_a_saved_model_gets_the_usual_modes(tmp_path: Path, umask: int) -> None:
+    model = random_model(tmp_path / "model", 0)
+    found = modes(model)
+    assert found == {p: (0o777 if (model / p).is_dir() else 0o666) & ~umask for p in found}
+    assert found["."] == (0o755 if umask == 0o022 else 0o750)

@@ -108,6 +108,13 @@ def test_stored_versions_are_read_only_and_checked(reg: Registry, tmp_path: Path
         reg.load("digits:1")
 
 
+def test_stored_versions_are_read_only_with_the_umask(reg: Registry, tmp_path: Path, umask: int) -> None:
+    v = reg.register(make_model(tmp_path / "a" / "model", 0), "digits")
+    found = {p: stat.S_IMODE(p.stat().st_mode) for p in [v.path, *v.path.rglob("*")]}
+    assert found == {p: (0o555 if p.is_dir() else 0o444) & ~umask for p in found}
+    assert found[v.path] == (0o555 if umask == 0o022 else 0o550)
+
+
 def test_a_failure_mid_copy_leaves_no_version(reg: Registry, tmp_path: Path, monkeypatch) -> None:
     model = make_model(tmp_path / "a" / "model", 0)
     real_copyfile, copied = shutil.copyfile, []
@@ -224,6 +231,29 @@ def test_history_is_an_append_only_log(reg: Registry, tmp_path: Path, monkeypatc
         reg.history("nope")
 
 
+def test_an_older_database_gets_the_append_only_triggers(reg: Registry, tmp_path: Path) -> None:
+    reg.register(make_model(tmp_path / "a" / "model", 0), "digits")
+    triggers = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    with reg.engine.begin() as conn:  # as a registry made by an older sdpipe: no triggers at all
+        made = sorted(conn.exec_driver_sql(triggers).scalars())
+        for name in made:
+            conn.exec_driver_sql(f"DROP TRIGGER {name}")
+        conn.exec_driver_sql("UPDATE versions SET user = 'mallory'")  # possible, then
+    reg.engine.dispose()
+    for _ in range(2):  # opening installs what is missing, and opening again changes nothing
+        reopened = Registry(reg.url)
+        with reopened.engine.connect() as conn:
+            assert sorted(conn.exec_driver_sql(triggers).scalars()) == made
+            for statement in ("UPDATE versions SET weights_hash = 'sha256:0'", "DELETE FROM versions"):
+                with pytest.raises(sa.exc.DatabaseError, match="registered versions are append-only"):
+                    conn.exec_driver_sql(statement)
+            with pytest.raises(sa.exc.DatabaseError, match="the events log is append-only"):
+                conn.exec_driver_sql("DELETE FROM events")
+        reopened.engine.dispose()
+    assert made == ["events_no_delete", "events_no_update", "versions_no_delete", "versions_no_update"]
+    assert Registry(reg.url).show("digits:1").weights_hash == reg.show("digits:1").weights_hash
+
+
 def test_resolve_paths_and_references(reg: Registry, tmp_path: Path, monkeypatch) -> None:
     a = make_model(tmp_path / "a" / "model", 0)
     reg.register(a, "digits")
@@ -245,6 +275,25 @@ def test_resolve_paths_and_references(reg: Registry, tmp_path: Path, monkeypatch
     ]:
         with pytest.raises(RegistryError, match=message):
             resolve(ref)
+
+
+def test_a_folder_not_a_model_does_not_hide_a_registry_model(reg: Registry, tmp_path: Path, monkeypatch) -> None:
+    from sdpipe.registry import load
+    from sdpipe.serve.holder import model_resolver
+
+    reg.register(make_model(tmp_path / "a" / "model", 0), "digits")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # e.g. a data folder that happens to share the model's name
+    (tmp_path / "notes").mkdir()
+    message = r"'digits' is a path here but not an sdpipe model \(unet/config.json is missing\), and the registry "
+    message += r"has a model 'digits': to use that, name it digits@latest, digits@ALIAS or digits:VERSION"
+    for call in (resolve, load, lambda ref, url: model_resolver(ref, url)()):
+        with pytest.raises(RegistryError, match=message):
+            call("digits", reg.url)
+    assert resolve("digits@latest", reg.url) == reg.store / "digits" / "1"
+    assert resolve("notes", reg.url) == Path("notes")  # no registry model of that name: the path, as before
+    with pytest.raises(FileNotFoundError, match="notes is not an sdpipe model: unet/config.json is missing"):
+        load("notes", reg.url)
 
 
 def test_resolve_without_a_registry_creates_none(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hmac
 import io
 import logging
 import threading
@@ -274,6 +275,25 @@ def test_api_keys(model_a: Path, caplog: pytest.LogCaptureFixture) -> None:
         assert c.post("/admin/reload", headers={"Authorization": "Bearer x"}).status_code == 401
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
     assert key not in caplog.text and "s3cret" not in caplog.text
+
+
+def test_api_keys_are_compared_by_digest_with_every_key(model_a: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key given is compared with each key as equal-length digests, so timing leaks no length."""
+    compared: list[tuple[int, int]] = []
+    real_compare = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real_compare(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    keys = ["short", "a-much-longer-key-" * 4, "k3"]
+    with TestClient(create_app(lambda: model_a, ServeSettings(), api_keys=keys)) as c:
+        for given, status in [("x", 401), (keys[1] + "y", 401), (keys[1][:-1], 401), ("", 401), (keys[2], 200)]:
+            compared.clear()
+            r = c.post("/admin/reload", headers={"Authorization": f"Bearer {given}"})
+            assert r.status_code == status or (status == 200 and r.status_code == 503), (given, r.text)
+            assert compared == [(32, 32)] * len(keys), given
 
 
 def test_health_and_readiness_while_loading(model_a: Path) -> None:

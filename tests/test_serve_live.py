@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from sdpipe.cli import app as cli_app
 from sdpipe.serve.app import create_app
+from sdpipe.serve.docs import asset_folder
 from sdpipe.serve.settings import ServeSettings
 from test_serve import make_model
 
@@ -102,23 +103,37 @@ def test_sdpipe_serve_process_with_api_key(model_dir: Path, tmp_path: Path) -> N
 
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs Debian's chromium and chromium-driver"
 )
-def test_web_page_shows_generated_images(live_url: str) -> None:
+
+
+def chrome():  # -> selenium's webdriver.Chrome, imported only where the browser tests run
+    """Headless Chromium through the installed chromedriver (nothing is downloaded); it logs its network requests."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def requested_urls(driver) -> list[str]:
+    """Every URL the browser has asked for so far, from its performance log."""
+    events = [json.loads(entry["message"])["message"] for entry in driver.get_log("performance")]
+    return [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
+
+
+@needs_chromium
+def test_web_page_shows_generated_images(live_url: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = chrome()
     try:
         driver.get(live_url + "/")
         wait = WebDriverWait(driver, 30)
@@ -147,6 +162,25 @@ def test_web_page_shows_generated_images(live_url: str) -> None:
         assert "n:" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()
+
+
+@needs_chromium
+@pytest.mark.skipif(asset_folder() is None, reason="/docs needs the fastapi-offline package (Swagger UI's files)")
+def test_docs_page_renders_from_this_server_alone(live_url: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chrome()
+    try:
+        for page in ("/", "/docs"):
+            driver.get(live_url + page)
+        operations = (By.CSS_SELECTOR, ".opblock-summary-path")
+        WebDriverWait(driver, 30).until(lambda d: "/v1/generate" in [e.text for e in d.find_elements(*operations)])
+        urls = requested_urls(driver)
+    finally:
+        driver.quit()
+    assert f"{live_url}/docs-assets/swagger-ui-bundle.js" in urls and f"{live_url}/openapi.json" in urls
+    assert [u for u in urls if not u.startswith((live_url + "/", "data:"))] == []  # nothing from another host
 
 
 def test_openapi_fuzz_never_5xx(live_url: str) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "RegistryError",
     "Version",
     "load",
+    "locate",
     "parse_ref",
     "resolve",
 ]
@@ -38,29 +39,57 @@ __all__ = [
 def resolve(ref: str | Path, url: str | None = None) -> Path:
     """A model folder from a path or a registry reference (`NAME`, `NAME@ALIAS`, `NAME:VERSION`).
 
-    A path that exists is returned unchanged. Otherwise `ref` is looked up in the registry at `url`
-    (default: `SDPIPE_REGISTRY_URL`, else `$SDPIPE_HOME/registry/registry.db`): bare `NAME` and
-    `NAME@latest` mean the highest version. Raises RegistryError, naming what exists, for anything unknown.
-    Cheap enough to call on every request: the registry connection is reused, and it is one small query.
+    A path that exists is returned unchanged, unless it is not an sdpipe model while the registry has a model
+    of that name: that is an error saying how to name the registry's model. Otherwise `ref` is looked up in
+    the registry at `url` (default: `SDPIPE_REGISTRY_URL`, else `$SDPIPE_HOME/registry/registry.db`): bare
+    `NAME` and `NAME@latest` mean the highest version. Raises RegistryError, naming what exists, for anything
+    unknown. Cheap enough to call on every request: the registry connection is reused, and it is one small query.
     """
+    return locate(ref, url)[0]
+
+
+def locate(ref: str | Path, url: str | None = None) -> tuple[Path, str | None]:
+    """`resolve`, and the exact version (`NAME:VERSION`) a registry reference names now, None for a folder:
+    what to `load` so that the model loaded is the one resolved, wherever its alias has moved since."""
     if Path(ref).exists():
-        return Path(ref)
+        _refuse_shadowing(str(ref), url)
+        return Path(ref), None
     parsed = _parse(str(ref))
     try:
-        return _registry_for(str(ref), url).path(parsed)
+        path = _registry_for(str(ref), url).path(parsed)
     except RegistryError as exc:
         if parsed.alias is None and parsed.version is None:  # a bare word may have been meant as a folder
             raise RegistryError(f"{ref!r} is not an existing path; {exc}") from None
         raise
+    return path, f"{parsed.name}:{path.name}"  # the store's folders are NAME/VERSION
 
 
 def load(ref: str | Path, url: str | None = None) -> LoadedModel:
     """Load a model from a path or a registry reference; a registry version's weights hash is checked."""
     if Path(ref).exists():
+        _refuse_shadowing(str(ref), url)
         from sdpipe.models import load_model
 
         return load_model(ref)
     return _registry_for(str(ref), url).load(_parse(str(ref)))
+
+
+def _refuse_shadowing(ref: str, url: str | None) -> None:
+    """A path that is not an sdpipe model must not hide the registry's model of that name: say how to name it."""
+    from sdpipe.models import model_problem
+
+    problem = model_problem(Path(ref))
+    if problem is None:
+        return
+    try:
+        name = parse_ref(ref).name
+        _registry_for(ref, url).path(Ref(name))
+    except RegistryError:  # not a registry name, or no such model: loading the path says what is wrong
+        return
+    raise RegistryError(
+        f"{ref!r} is a path here but not an sdpipe model ({problem}), and the registry has a model {name!r}: "
+        f"to use that, name it {name}@latest, {name}@ALIAS or {name}:VERSION"
+    )
 
 
 def _parse(ref: str) -> Ref:

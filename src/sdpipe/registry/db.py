@@ -8,8 +8,8 @@ store then defaults to `store/` beside a SQLite file, else to `$SDPIPE_HOME/regi
 `SDPIPE_REGISTRY_STORE` (or `--store`) overrides it (point every machine at the same shared folder).
 
 `versions` holds one row per immutable version, `aliases` the current target of each alias, and `events`
-the append-only log of every register / alias / rollback (UPDATE and DELETE on it are refused by a
-trigger on SQLite and PostgreSQL).
+the append-only log of every register / alias / rollback. UPDATE and DELETE on `versions` and `events` are
+refused by triggers on SQLite, PostgreSQL and MySQL/MariaDB, created on every open where they are missing.
 """
 
 from __future__ import annotations
@@ -64,17 +64,22 @@ events = sa.Table(
     sa.Column("detail", sa.JSON, nullable=False),
 )
 
-_SQLITE_APPEND_ONLY = [
-    f"CREATE TRIGGER IF NOT EXISTS events_no_{op.lower()} BEFORE {op} ON events "
-    "BEGIN SELECT RAISE(ABORT, 'the events log is append-only'); END"
-    for op in ("UPDATE", "DELETE")
-]
-_POSTGRES_APPEND_ONLY = [
-    "CREATE OR REPLACE FUNCTION sdpipe_events_append_only() RETURNS trigger LANGUAGE plpgsql AS "
-    "$$ BEGIN RAISE EXCEPTION 'the events log is append-only'; END $$",
-    "CREATE OR REPLACE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events "
-    "FOR EACH STATEMENT EXECUTE FUNCTION sdpipe_events_append_only()",
-]
+# the tables whose rows are never changed or removed, and the message a trigger refuses UPDATE or DELETE with
+APPEND_ONLY = {
+    "events": "the events log is append-only",
+    "versions": "registered versions are append-only: register a new version instead",
+}
+_POSTGRES_REFUSE = (
+    "CREATE OR REPLACE FUNCTION sdpipe_refuse_change() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION USING MESSAGE = TG_ARGV[0]; END $$"
+)
+_TRIGGER_NAMES = {  # the query listing the triggers already there
+    "sqlite": "SELECT name FROM sqlite_master WHERE type = 'trigger'",
+    "postgresql": "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal "
+    "AND tgrelid IN ('events'::regclass, 'versions'::regclass)",
+    "mysql": "SELECT trigger_name FROM information_schema.triggers WHERE trigger_schema = DATABASE()",
+}
+_TRIGGER_NAMES["mariadb"] = _TRIGGER_NAMES["mysql"]
 
 
 def home() -> Path:
@@ -103,30 +108,61 @@ def default_store(url: str) -> Path:
 
 
 def open_engine(url: str) -> sa.Engine:
-    """Connect (creating a SQLite file's folder) and create the tables if they are not there yet."""
+    """Connect (creating a SQLite file's folder), then create the tables and the append-only triggers that
+    are not there yet: a database made by an older sdpipe gets the triggers it lacks."""
     db_file = sqlite_file(url)
     if db_file is not None:
         db_file.parent.mkdir(parents=True, exist_ok=True)
     # writers wait for each other's (short) transactions instead of failing at once
     connect_args = {"timeout": 30} if make_url(url).get_backend_name() == "sqlite" else {}
     engine = sa.create_engine(url, connect_args=connect_args)
-    if set(metadata.tables) <= set(sa.inspect(engine).get_table_names()):
-        return engine
+    with engine.connect():  # a database that does not answer fails here, at once
+        pass
     for attempt in range(10):
         try:
-            _create_schema(engine)
+            metadata.create_all(engine)  # only the tables that are missing
+            install_triggers(engine)
             return engine
-        except sa.exc.DBAPIError:  # another process is creating the same tables at this very moment
+        except sa.exc.DBAPIError:  # another process is creating the same tables or triggers at this very moment
             if attempt == 9:
                 raise
             time.sleep(0.05 * (attempt + 1))
     return engine
 
 
-def _create_schema(engine: sa.Engine) -> None:
-    """Tables (checked first) and the append-only triggers (idempotent): safe to run again."""
-    metadata.create_all(engine)
-    statements = {"sqlite": _SQLITE_APPEND_ONLY, "postgresql": _POSTGRES_APPEND_ONLY}
+def install_triggers(engine: sa.Engine) -> None:
+    """Create the triggers refusing UPDATE and DELETE on the `APPEND_ONLY` tables that are missing (idempotent)."""
+    dialect = engine.dialect.name
+    wanted = _append_only_triggers(dialect)
+    if not wanted:
+        return
     with engine.begin() as conn:
-        for statement in statements.get(engine.dialect.name, []):
+        present = set(conn.exec_driver_sql(_TRIGGER_NAMES[dialect]).scalars())
+        missing = [statement for name, statement in wanted.items() if name not in present]
+        if missing and dialect == "postgresql":
+            missing.insert(0, _POSTGRES_REFUSE)
+        for statement in missing:
             conn.exec_driver_sql(statement)
+
+
+def _append_only_triggers(dialect: str) -> dict[str, str]:
+    """Trigger name -> the statement creating it, for `dialect` (none for databases not listed here)."""
+    found: dict[str, str] = {}
+    for table, message in APPEND_ONLY.items():
+        if dialect == "postgresql":
+            found[f"{table}_append_only"] = (
+                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+                f"FOR EACH STATEMENT EXECUTE FUNCTION sdpipe_refuse_change('{message}')"
+            )
+            continue
+        for op in ("UPDATE", "DELETE"):
+            name = f"{table}_no_{op.lower()}"
+            if dialect == "sqlite":
+                refuse = f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+                found[name] = f"CREATE TRIGGER {name} BEFORE {op} ON {table} {refuse}"
+            elif dialect in ("mysql", "mariadb"):
+                found[name] = (
+                    f"CREATE TRIGGER {name} BEFORE {op} ON {table} FOR EACH ROW "
+                    f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{message}'"
+                )
+    return found

@@ -2,8 +2,8 @@
 
 A version is copied into `STORE/.incoming/<random>/` first and renamed to `STORE/NAME/VERSION/` only inside
 the database transaction that records it (see `Registry.register`), so readers, who go through the
-database, only ever see complete directories. Files are then made read-only (0444, folders 0555) and their
-content hash is recorded, which `Registry.verify` recomputes.
+database, only ever see complete directories. Files are then made read-only (0444, folders 0555, less the
+umask) and their content hash is recorded, which `Registry.verify` recomputes.
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ def stage_copy(model_dir: Path, store: Path) -> Path:
 
 
 def make_readonly(directory: Path) -> None:
-    """Files 0444 and folders 0555, deepest first (a read-only folder's entries can no longer be changed)."""
-    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        path.chmod(0o555 if path.is_dir() else 0o444)
-    directory.chmod(0o555)
+    """Files 0444 and folders 0555 less the umask (so 0440 and 0550 under 027), deepest first (a read-only
+    folder's entries can no longer be changed)."""
+    from sdpipe.models.format import set_modes
+
+    set_modes(directory, 0o555, 0o444)
 
 
 def remove_tree(directory: Path) -> None:

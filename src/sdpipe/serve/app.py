@@ -6,6 +6,7 @@ from `ServeSettings`, so the request model is built per app; a bad request gets 
 """
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import time
@@ -26,6 +27,7 @@ from sdpipe.config import SamplerName
 from sdpipe.sampling import samplers_for
 from sdpipe.sampling.files import parse_labels
 from sdpipe.serve.batching import Batcher, GenerateJob, InvalidRequest, QueueFull, sample_spec
+from sdpipe.serve.docs import add_docs
 from sdpipe.serve.holder import ModelHolder, Resolver
 from sdpipe.serve.metrics import ServeMetrics
 from sdpipe.serve.page import PAGE
@@ -110,19 +112,25 @@ class _MetricsMiddleware:
             self.metrics.observe_request(scope["path"], status, time.perf_counter() - t0)
 
 
+def key_digest(key: bytes) -> bytes:
+    """What API keys are compared by: their SHA-256, so that every comparison is of 32 bytes with 32 bytes."""
+    return hashlib.sha256(key).digest()
+
+
 def _auth_dependency(api_keys: list[str] | None) -> Any:
     """A dependency that requires `Authorization: Bearer KEY` with one of `api_keys` (none: no check).
-    Every key is compared, each in constant time, so timing tells nothing about which bytes matched."""
-    keys = [k.encode() for k in api_keys or []]
+    The key given is compared with every key, by digest (`key_digest`) with `hmac.compare_digest`, so the
+    time taken tells neither which bytes matched nor how long the keys are."""
+    digests = [key_digest(k.encode()) for k in api_keys or []]
     bearer = HTTPBearer(auto_error=False, description="required when the server was started with --api-key-file")
 
     async def check(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if not keys:
+        if not digests:
             return
-        given = creds.credentials.encode("latin-1") if creds is not None else b""  # the bytes as sent
+        given = key_digest(creds.credentials.encode("latin-1") if creds is not None else b"")  # the bytes as sent
         ok = False
-        for key in keys:
-            ok |= hmac.compare_digest(given, key)
+        for digest in digests:
+            ok |= hmac.compare_digest(given, digest)
         if not ok:
             raise HTTPException(
                 401, "missing or wrong API key: send Authorization: Bearer KEY", {"WWW-Authenticate": "Bearer"}
@@ -149,7 +157,8 @@ def create_app(resolver: Resolver, settings: ServeSettings | None = None, api_ke
         await run_in_threadpool(batcher.stop)
         await run_in_threadpool(holder.stop)
 
-    app = FastAPI(title="sdpipe", version="1", lifespan=lifespan)
+    app = FastAPI(title="sdpipe", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    add_docs(app)  # /docs with its files served here, not from a CDN
     app.state.holder, app.state.batcher, app.state.metrics = holder, batcher, metrics
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)

@@ -1,14 +1,25 @@
-"""`sdpipe serve`: the HTTP server on uvicorn (registered in `sdpipe.cli`; heavy imports happen on call)."""
+"""`sdpipe serve`: the HTTP server on uvicorn (registered in `sdpipe.cli`; heavy imports happen on call).
+
+Everything a user can get wrong stops the command with one line on stderr and exit code 2, before the
+server listens: settings, the API key file, the address (a port out of 1..65535 or already in use), and
+the model (a wrong reference, a folder that is not a model, a registry version whose weights changed).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-err_console = Console(stderr=True)
+if TYPE_CHECKING:
+    import uvicorn
+
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def load_api_keys(path: Path) -> list[str]:
@@ -22,10 +33,31 @@ def load_api_keys(path: Path) -> list[str]:
     return keys
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn to serve on; ValueError, in one line, if it cannot be had."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a port: use one from 1 to 65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn decides
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(2)
+
+
 def serve(
     model: Annotated[str, typer.Option(help="Model directory, or registry reference NAME@ALIAS / NAME:VERSION.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on (1 to 65535).")] = 8000,
     api_key_file: Annotated[
         Path | None, typer.Option(help="File of API keys, one a line: requests then need Authorization: Bearer KEY.")
     ] = None,
@@ -43,21 +75,33 @@ def serve(
 
     from sdpipe.config import ConfigError
     from sdpipe.serve.app import create_app
-    from sdpipe.serve.holder import identify, model_resolver
+    from sdpipe.serve.holder import model_resolver
     from sdpipe.serve.settings import load_settings
 
+    if log_level.lower() not in LOG_LEVELS:
+        raise _fail(f"unknown --log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     try:
         settings = load_settings(set_)
         keys = load_api_keys(api_key_file) if api_key_file is not None else None
-        resolver = model_resolver(model, registry_url)
+        sock = listen(host, port)
     except (ConfigError, ValueError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    try:
-        identify(resolver())  # a wrong reference stops here, before the server starts
-    except Exception as exc:  # the registry's own errors included
-        err_console.print(f"[bold red]error:[/] cannot resolve model {model!r}: {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        raise _fail(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(resolver, settings, keys)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(model_resolver(model, registry_url), settings, keys)
+    try:
+        app.state.holder.refresh()  # load, check and warm up the model now: a wrong or damaged one stops here
+    except Exception as exc:  # the registry's own errors included
+        sock.close()
+        raise _fail(f"cannot serve model {model!r}: {exc}") from None
+    _run(uvicorn.Config(app, host=host, port=port, log_level=log_level.lower()), sock)
+
+
+def _run(config: uvicorn.Config, sock: socket.socket) -> None:
+    """Serve on `sock` until Ctrl-C or SIGTERM, as `uvicorn.run` does (`config`'s host and port: for its log)."""
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn's exit code when the app failed to start (it said why)

@@ -1,7 +1,8 @@
 """The model being served, and where it comes from.
 
-A resolver (`Callable[[], Path]`) says which model directory should be served now: a fixed path, or a
-registry reference such as `digits@production` resolved again on each call. `ModelHolder` asks it every
+A resolver says which model should be served now: a fixed path, or a registry reference such as
+`digits@production` resolved again on each call, as a `ModelSource` that loads the exact version it names with
+the check of its weights against the hash recorded at registration. `ModelHolder` asks it every
 `poll_s` seconds (and on `POST /admin/reload`); when the answer is another directory or other weights, it
 loads the new model and runs a warm-up generation off to the side, then replaces the served model in one
 reference assignment. The batch worker reads the model once per batch, so a batch in flight finishes on the
@@ -11,10 +12,11 @@ never served (the old one stays).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,15 +27,37 @@ from sdpipe.serve.metrics import ServeMetrics
 
 log = logging.getLogger("sdpipe.serve")
 
-Resolver = Callable[[], Path]
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model directory and how to load it (for a registry version: with its weights-hash check)."""
+
+    path: Path
+    load: Callable[[], LoadedModel] = field(compare=False, repr=False)
+
+
+Resolver = Callable[[], Path | ModelSource]
 
 
 def model_resolver(ref: str, registry_url: str | None = None) -> Resolver:
     """A model directory, or a registry reference (`NAME@ALIAS`, `NAME:VERSION`) resolved again on every
-    call (so moving an alias changes the answer); see `sdpipe.registry.resolve`."""
-    from sdpipe.registry import resolve
+    call (so moving an alias changes the answer); see `sdpipe.registry.locate` and `sdpipe.registry.load`."""
+    from sdpipe.registry import load, locate
 
-    return lambda: Path(resolve(ref, registry_url))
+    def resolve_now() -> Path | ModelSource:
+        path, version = locate(ref, registry_url)
+        if version is None:
+            return path
+        return ModelSource(path, functools.partial(load, version, registry_url))
+
+    return resolve_now
+
+
+def as_source(found: Path | ModelSource) -> ModelSource:
+    """What a resolver returned, as a `ModelSource` (a plain directory loads with `load_model`)."""
+    if isinstance(found, ModelSource):
+        return found
+    return ModelSource(Path(found), functools.partial(load_model, found))
 
 
 @dataclass(frozen=True)
@@ -92,12 +116,13 @@ class ModelHolder:
         Errors propagate (the served model stays as it was); with `retry_failed` False, a model that
         already failed to load is not tried again until the reference changes."""
         with self._lock:
-            identity = identify(self._resolver())
+            source = as_source(self._resolver())
+            identity = identify(source.path)
             if identity == self.identity or (identity == self._failed and not retry_failed):
                 return False
             log.info("loading model %s (%s)", identity.path, identity.weights_hash)
             try:
-                model = load_model(identity.path)
+                model = source.load()
                 if model.meta.weights_hash != identity.weights_hash:
                     raise ValueError(f"{identity.path} changed while it was loaded")
                 warm_up(model)
