@@ -240,3 +240,32 @@ def test_cli_errors_name_the_bad_input(tmp_path: Path) -> None:
     (tmp_path / "x.npz").write_bytes(b"not an npz")
     bad = runner.invoke(app, ["data", "validate", str(tmp_path / "x.npz"), "--out", str(tmp_path / "o2"), "-q"])
     assert bad.exit_code == 2 and "cannot read arrays" in bad.output
+
+
+def test_near_duplicates_work_on_numpy_1_without_bitwise_count(monkeypatch) -> None:
+    """pyproject admits numpy >= 1.24; np.bitwise_count is numpy 2 only."""
+    import numpy as np
+
+    from sdpipe.data import duplicates
+
+    hashes = np.array([0b1011, 0b1010, 0xFFFF_0000_0000_0000, 0xFFFF_0000_0000_0007], dtype=np.uint64)
+    expected = duplicates.near_duplicate_groups(hashes, 3)
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert duplicates.near_duplicate_groups(hashes, 3) == expected == ([[0, 1], [2, 3]], 0)
+    x = np.array([0, 1, 2**64 - 1, 0x8000_0000_0000_0001], dtype=np.uint64)
+    assert duplicates.popcount(x).tolist() == [0, 1, 64, 2]
+
+
+def test_a_source_with_no_usable_image_is_an_error(tmp_path: Path) -> None:
+    """An empty source validated with exit 0 and no warning; training on it then failed far from the cause."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["data", "validate", str(empty), "--out", str(tmp_path / "v1")])
+    assert result.exit_code == 2 and "no usable images (0 files seen" in result.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"")
+    (bad / "b.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(app, ["data", "validate", str(bad), "--out", str(tmp_path / "v2")])
+    assert result.exit_code == 2 and "2 files seen, 2 quarantined" in result.output
+    assert (tmp_path / "v2" / "report.html").exists()  # the reasons are still written down

@@ -18,7 +18,7 @@ from sdpipe.data.validate import validate
 
 def test_digits_split_is_the_demo_data_bit_for_bit() -> None:
     data = load_dataset(DataConfig())
-    s = open_split(DataConfig(), "train")
+    s = open_split(DataConfig(test_fraction=0), "train")  # nothing held out: the whole set
     assert len(s) == 1797 and s.image_shape == (1, 8, 8) and s.class_names == data.class_names
     assert s.dataset_id == data.dataset_id and s.value_range == (0.0, 16.0)
     gen = torch.Generator().manual_seed(0)
@@ -30,14 +30,14 @@ def test_digits_split_is_the_demo_data_bit_for_bit() -> None:
     assert torch.equal(y, torch.as_tensor(data.labels)[idx]) and y.dtype == torch.int64
     s._in_memory = None  # the decode-and-preprocess path gives the same numbers as the in-memory one
     assert torch.equal(s.batch(idx, gen)[0], x)
-    rgb = open_split(DataConfig(channels="rgb"), "train")
+    rgb = open_split(DataConfig(channels="rgb", test_fraction=0), "train")
     assert rgb.image_shape == (3, 8, 8) and torch.equal(rgb.batch(idx, gen)[0], x.expand(-1, 3, -1, -1))
 
 
 def test_digits_validation_split_is_disjoint_by_content() -> None:
     cfg = DataConfig(validation_fraction=0.2)
-    train, val = open_split(cfg, "train"), open_split(cfg, "validation")
-    assert len(train) + len(val) == 1797 and 250 < len(val) < 470
+    train, val, test = open_split(cfg, "train"), open_split(cfg, "validation"), open_split(cfg, "test")
+    assert len(train) + len(val) + len(test) == 1797 and 250 < len(val) < 470 and len(test) == 450
     xt, _ = train.batch(torch.arange(len(train)), torch.Generator())
     xv, _ = val.batch(torch.arange(len(val)), torch.Generator())
     seen = {row.numpy().tobytes() for row in xt}

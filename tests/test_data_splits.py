@@ -158,3 +158,67 @@ def test_many_equal_perceptual_hashes_are_one_group_quickly() -> None:
     groups, unchecked = near_duplicate_groups(hashes, max_bits=1)
     assert time.perf_counter() - start < 5
     assert len(groups) == 1 and len(groups[0]) == 20_000 and unchecked == 0
+
+
+# --- the held-out test split ------------------------------------------------------------------------------------
+
+
+def test_test_split_is_disjoint_stable_and_about_its_fraction() -> None:
+    hashes = _hashes(4000, "t")
+    splits = [assign_split(h, 0.1, 0.25) for h in hashes]
+    assert 0.22 < splits.count("test") / len(splits) < 0.28
+    assert 0.08 < splits.count("validation") / len(splits) < 0.12
+    # the validation split is the same with or without a test split, except for nothing: they cannot overlap
+    alone = [assign_split(h, 0.1) for h in hashes]
+    assert all(a == "validation" for a, s in zip(alone, splits, strict=True) if s == "validation")
+    more = [assign_split(h, 0.1, 0.3) for h in hashes]
+    assert all(m == "test" for s, m in zip(splits, more, strict=True) if s == "test")
+    with pytest.raises(ValueError, match="exceeds 1"):
+        assign_split(hashes[0], 0.6, 0.5)
+
+
+def test_digits_test_split_is_stratified_and_never_trained_on() -> None:
+    import numpy as np
+
+    from sdpipe.config import DataConfig
+    from sdpipe.data import load_dataset
+    from sdpipe.data.imageset import split_arrays
+
+    cfg = DataConfig()
+    assert cfg.held_out == 0.25  # the digits' default; other sources hold nothing out unless told
+    assert DataConfig(source="folder").held_out == 0.0
+    whole = load_dataset(cfg)
+    train, test = split_arrays(cfg, "train"), split_arrays(cfg, "test")
+    assert len(train.images) + len(test.images) == len(whole.images)
+    for c in range(10):
+        n_c = int((whole.labels == c).sum())
+        assert int((test.labels == c).sum()) == round(0.25 * n_c)  # exactly stratified
+    flat = {im.tobytes() for im in train.images.astype(np.uint8)}
+    assert not any(im.tobytes() in flat for im in test.images.astype(np.uint8))  # no shared pixels
+    assert train.dataset_id != test.dataset_id != whole.dataset_id  # each split has its own content id
+    again = split_arrays(cfg, "test")
+    assert again.dataset_id == test.dataset_id and np.array_equal(again.images, test.images)
+
+
+def test_a_folder_holds_nothing_out_unless_told_and_training_agrees(tmp_path) -> None:
+    """`sdpipe data validate FOLDER` ran with the digits' default 25 % test split (its config says source
+    digits), and training with test_fraction=0 then refused the validated folder."""
+    from sdpipe.config import DataConfig
+    from sdpipe.data.imageset import has_split, open_split
+    from sdpipe.data.validate import validate
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"{i}.png").write_bytes(_png(i))
+    report = validate(str(src), tmp_path / "v", DataConfig())
+    assert report["split_counts"] == {"train": 40}
+    for fraction in (None, 0.0):  # unset and 0 mean the same for a folder
+        cfg = DataConfig(source="folder", path=str(src), validated_dir=str(tmp_path / "v"), test_fraction=fraction)
+        assert len(open_split(cfg, "train")) == 40 and not has_split(cfg, "test")
+    held = validate(str(src), tmp_path / "h", DataConfig(test_fraction=0.25))
+    assert 4 <= held["split_counts"]["test"] <= 18
+    cfg = DataConfig(source="folder", path=str(src), validated_dir=str(tmp_path / "h"), test_fraction=0.25)
+    assert has_split(cfg, "test") and len(open_split(cfg, "test")) == held["split_counts"]["test"]
+    with pytest.raises(ValueError, match="test_fraction=0.0 \\(validated with 0.25\\).*--revalidate"):
+        open_split(cfg.model_copy(update={"test_fraction": 0.0}), "train")

@@ -7,6 +7,7 @@ range is rejected with `ConfigError` before any work starts, naming the key and 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SamplerName = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+MAX_SEED = 2**32 - 1  # seeds are 0..2^32-1 everywhere (config, command line, server): none wraps silently
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,9 @@ class DataConfig(_Section):
     min_size: int = Field(default=8, ge=1)  # images with a side below this are quarantined
     max_pixels: int = Field(default=64_000_000, ge=1)  # larger claimed sizes are decompression bombs
     validation_fraction: float = Field(default=0.0, ge=0, le=1)  # by content hash (sdpipe.data.splits)
+    # the held-out "test" split, which training never sees and the judge compares samples with (by content
+    # hash; stratified by class for the digits). None = 0.25 for the embedded digits, 0 for other sources
+    test_fraction: float | None = Field(default=None, ge=0, lt=1)
     near_duplicate_bits: int = Field(default=3, ge=0, le=3)  # max Hamming distance of 64-bit perceptual hashes
     workers: int | None = Field(default=None, ge=1)  # validate's decode threads; None = one per core
     # preprocessing, recorded in the model so generated images go back to the source's range
@@ -53,6 +58,23 @@ class DataConfig(_Section):
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False  # horizontal flip with probability 1/2 (drawn from the training generator)
     channels: Literal["auto", "grayscale", "rgb"] = "auto"  # auto: grayscale if every image is, else RGB
+
+    @property
+    def held_out(self) -> float:
+        """The test split's share: `test_fraction`, or its default for the source."""
+        return self.held_out_for(self.source)
+
+    def held_out_for(self, kind: str) -> float:
+        """The test split's share for a source of `kind` (`sdpipe data validate` names the kind itself)."""
+        if self.test_fraction is not None:
+            return self.test_fraction
+        return 0.25 if kind == "digits" else 0.0
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> DataConfig:
+        if self.validation_fraction + self.held_out >= 1:
+            raise ValueError("data.validation_fraction + data.test_fraction must leave a training split (sum < 1)")
+        return self
 
 
 class ModelConfig(_Section):
@@ -124,7 +146,7 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(default=5, ge=1)
     rollback_lr_factor: float = Field(default=0.5, gt=0, le=1)
     max_rollbacks: int = Field(default=3, ge=0)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     threads: int | None = Field(default=None, ge=1)  # torch intra-op threads; None = all cores
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast through accelerate, where the device has it
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
@@ -149,9 +171,17 @@ class SampleConfig(_Section):
 
 class EvaluateConfig(_Section):
     n_samples: int = Field(default=1000, ge=10)
+    # independent sample sets (seeds seed, seed + n_samples, ...) behind each headline figure's mean and 95 % interval
+    sample_sets: int = Field(default=4, ge=1, le=100)
     pca_components: int = Field(default=32, ge=2, le=64)
     guidance_scales: list[float] = Field(default=[1.0, 2.0])  # measured besides the default
-    seed: int = Field(default=1_000_000, ge=0)
+    seed: int = Field(default=1_000_000, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _check_seeds(self) -> EvaluateConfig:
+        if self.seed + self.n_samples * self.sample_sets - 1 > MAX_SEED:
+            raise ValueError(f"evaluate.seed + n_samples x sample_sets - 1 must be at most {MAX_SEED}")
+        return self
 
 
 EDM_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_2m_karras")  # those diffusers has EDM schedulers for
@@ -222,9 +252,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a YAML config (or the defaults), apply `dotted.key=value` overrides, validate everything."""
-    tree: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None
+) -> PipelineConfig:
+    """Read a YAML config (or start from `base`, e.g. a run's saved config, or the defaults), apply
+    `dotted.key=value` overrides, validate everything."""
+    tree: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -14,6 +14,17 @@ SPLIT_RANK = {"train": 0, "validation": 1, "test": 2}
 MAX_BUCKET = 5000  # near-duplicate buckets larger than this are not compared pairwise (reported)
 
 
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64: numpy 2's `bitwise_count`, or a byte table on numpy 1.x (which we support)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    as_bytes = np.ascontiguousarray(x, dtype=np.uint64).view(np.uint8).reshape(*x.shape, 8)
+    return _BYTE_BITS[as_bytes].sum(axis=-1, dtype=np.uint8)
+
+
 def split_code(split: str) -> int:
     return SPLIT_RANK.get(split, len(SPLIT_RANK))
 
@@ -73,7 +84,7 @@ def _linked(hashes: np.ndarray, max_bits: int) -> tuple[np.ndarray, int]:
             idx = order[s:e]
             h = hashes[idx]
             for j in range(len(idx) - 1):
-                for k in np.flatnonzero(np.bitwise_count(h[j] ^ h[j + 1 :]) <= max_bits):
+                for k in np.flatnonzero(popcount(h[j] ^ h[j + 1 :]) <= max_bits):
                     a, b = root(int(idx[j])), root(int(idx[j + 1 + k]))
                     if a != b:
                         parent[max(a, b)] = min(a, b)

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from sdpipe.config import DataConfig
-from sdpipe.data.digits import load_dataset, to_model_range
+from sdpipe.data.digits import Dataset, load_dataset, to_model_range, to_source_range
 from sdpipe.data.manifest import MANIFEST, REPORT
 from sdpipe.data.preprocess import Preprocess
 from sdpipe.data.readers import array_pixels, decode_image
 from sdpipe.data.sources import load_arrays, read_tar_member
-from sdpipe.data.splits import assign_split
+from sdpipe.data.splits import stratified_test
 from sdpipe.data.versioning import SourceChangedError
 
 
@@ -46,10 +46,13 @@ class ImageSet:
         stored_size: tuple[int, int],
         workers: int = 1,
         in_memory: np.ndarray | None = None,
+        split: str = "train",
+        split_id: str | None = None,
     ) -> None:
         self._reader, self._labels = reader, labels
         self._in_memory = in_memory  # (N, C, H, W) as stored: used when preprocessing changes nothing
         self.class_names, self.value_range, self.dataset_id = class_names, value_range, dataset_id
+        self.split, self.split_id = split, split_id or dataset_id  # split_id: a content hash of this split alone
         self.preprocess = preprocess
         h, w = preprocess.output_size(*stored_size)
         self.image_shape = (preprocess.channels, h, w)
@@ -93,6 +96,8 @@ class ImageSet:
         """What a model trained on this set records: data identity, range and preprocessing."""
         return {
             "dataset_id": self.dataset_id,
+            "split": self.split,
+            "split_id": self.split_id,
             "value_range": list(self.value_range),
             "image_shape": list(self.image_shape),
             "class_names": self.class_names,
@@ -122,12 +127,17 @@ def _digits_split(cfg: DataConfig, split: str) -> ImageSet:
 
     data = load_dataset(cfg)
     images = data.images[:, 0].astype(np.uint8)  # integer values 0..16
-    keep = [i for i, im in enumerate(images) if assign_split(pixel_digest(im), cfg.validation_fraction) == split]
+    digests = [pixel_digest(im) for im in images]
+    splits = stratified_test(digests, data.labels, cfg.validation_fraction, cfg.held_out)
+    keep = [i for i, s in enumerate(splits) if s == split]
+    if not keep:
+        raise ValueError(f"the digits have no samples in split {split!r} with these data fractions")
     images, labels = images[keep], data.labels[keep]
     pp = _preprocess(cfg, 1)
     return ImageSet(
         images.__getitem__, labels, data.class_names, data.value_range, data.dataset_id, pp, (8, 8),
         in_memory=data.images[keep] if pp.resolution is None else None,
+        split=split, split_id=content_id([digests[i] for i in keep], labels),
     )  # fmt: skip
 
 
@@ -155,22 +165,55 @@ def _manifest_split(cfg: DataConfig, out: Path, split: str) -> ImageSet:
         raise ValueError(f"{out}: {len(sizes)} different image sizes; set data.resolution to resize them to one")
     native = int(pc.max(table["channels"]).as_py())
     labels = np.asarray(table["label"].fill_null(0).to_numpy(), dtype=np.int64)
+    split_id = content_id(table["sha256"].to_pylist(), labels)
     columns = table.select(["file", "member", "sha256"])
     reader = _ManifestReader(report["kind"], report["source"], columns, cfg, report.get("image_column"))
     pp = _preprocess(cfg, native)
     workers = cfg.workers or os.cpu_count() or 1
-    return ImageSet(reader, labels, report["class_names"], (0.0, 255.0), report["dataset_id"], pp, sizes.pop(), workers)
+    return ImageSet(
+        reader, labels, report["class_names"], (0.0, 255.0), report["dataset_id"], pp, sizes.pop(), workers,
+        split=split, split_id=split_id,
+    )  # fmt: skip
+
+
+def has_split(cfg: DataConfig, split: str) -> bool:
+    """Whether the configured source has samples in `split` (for a validated source: by its report)."""
+    if cfg.source == "digits":
+        return {"test": cfg.held_out, "validation": cfg.validation_fraction}.get(split, 1.0) > 0
+    if not cfg.validated_dir or not (Path(cfg.validated_dir) / REPORT).is_file():
+        return False
+    counts = json.loads((Path(cfg.validated_dir) / REPORT).read_text()).get("split_counts", {})
+    return counts.get(split, 0) > 0
+
+
+def content_id(digests: list[str], labels: np.ndarray) -> str:
+    """A content hash of a split: its samples' digests (in any order) with their labels."""
+    h = hashlib.sha256()
+    for digest, label in sorted(zip(digests, labels.tolist(), strict=True)):
+        h.update(f"{digest}:{label}\n".encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def split_arrays(cfg: DataConfig, split: str) -> Dataset:
+    """A whole split in memory in the source's intensities, prepared as for training but never at random
+    (centre crops, no flips): what the judge and `sdpipe evaluate` compare samples with."""
+    fixed = cfg.model_copy(update={"crop": "center", "random_flip": False})
+    data = open_split(fixed, split)
+    x, y = data.batch(torch.arange(len(data)), torch.Generator())
+    return Dataset(
+        to_source_range(x, data.value_range).numpy(), y.numpy(), data.class_names or [], data.value_range, data.split_id
+    )
 
 
 # settings that change what validation accepts, labels or splits: training must use the validated ones
 VALIDATION_KEYS = (
     "labels", "image_column", "label_column", "caption_column", "images_key", "labels_key",
-    "min_size", "max_pixels", "validation_fraction", "near_duplicate_bits",
+    "min_size", "max_pixels", "validation_fraction", "test_fraction", "near_duplicate_bits",
 )  # fmt: skip
 
 
 def _check_same_settings(cfg: DataConfig, validated: dict[str, Any], out: Path) -> None:
-    now = cfg.model_dump(mode="json")
+    now = cfg.model_dump(mode="json") | {"test_fraction": cfg.held_out}  # the share, default or not
     differ = [
         f"data.{k}={now[k]!r} (validated with {validated[k]!r})"
         for k in VALIDATION_KEYS
@@ -178,7 +221,9 @@ def _check_same_settings(cfg: DataConfig, validated: dict[str, Any], out: Path) 
     ]
     if differ:
         raise ValueError(
-            f"{out} was validated with other settings: {', '.join(differ)}; re-validate with these settings"
+            f"{out} was validated with other settings: {', '.join(differ)}; validate again with these settings "
+            f"(`sdpipe data validate {cfg.path or 'SOURCE'} --out {out}` with the same --config/--set), or train "
+            "with --revalidate"
         )
 
 

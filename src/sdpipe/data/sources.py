@@ -53,7 +53,7 @@ class Source:
 
 def detect_kind(path: str) -> str:
     """The source kind a path looks like (a folder of images unless it says otherwise)."""
-    if path == "digits":
+    if path == "digits" and not Path(path).exists():  # a folder named digits is a folder (say ./digits)
         return "digits"
     p = Path(path)
     if not p.exists():

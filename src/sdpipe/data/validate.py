@@ -126,7 +126,7 @@ class _Pass1:
 def resolve_kind(source: str, cfg: DataConfig, kind: str | None) -> str:
     if kind:
         return kind
-    if cfg.source != "digits" and source != "digits":
+    if cfg.source != "digits":
         return cfg.source
     return detect_kind(source)
 
@@ -153,7 +153,7 @@ def validate(
     workers = cfg.workers or os.cpu_count() or 1
     with _progress(show_progress) as tick:
         for outcome in ordered_map(lambda it: inspect(it, cfg.min_size, cfg.max_pixels), src.items, workers):
-            _record(outcome, state, writer, cfg.validation_fraction)
+            _record(outcome, state, writer, cfg.validation_fraction, cfg.held_out_for(kind))
             tick()
     writer.close()
     class_names = src.class_names if src.class_names_after is None else src.class_names_after()
@@ -162,11 +162,16 @@ def validate(
     report.update(
         source=str(source), kind=kind, image_column=src.image_column, validation_fraction=cfg.validation_fraction
     )
-    report["config"] = cfg.model_dump(mode="json")
+    report["config"] = cfg.model_dump(mode="json") | {"test_fraction": cfg.held_out_for(kind)}  # the share used
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["files_per_s"] = round(state.files_seen / max(report["seconds"], 1e-9), 1)
     write_source_files(kind, source, out)
     write_report(report, out)
+    if not report["accepted"]:
+        raise SourceError(
+            f"{source}: no usable images ({state.files_seen} files seen, {len(state.quarantined)} quarantined, "
+            f"{len(state.skipped)} skipped); the reasons are in {out / 'report.html'}"
+        )
     return report
 
 
@@ -178,7 +183,7 @@ def _check_out_dir(source: str, out: Path) -> None:
         raise SourceError(f"--out {out} is inside the source {source}: choose a folder outside it")
 
 
-def _record(o: Outcome, state: _Pass1, writer: RowWriter, fraction: float) -> None:
+def _record(o: Outcome, state: _Pass1, writer: RowWriter, fraction: float, test_fraction: float) -> None:
     state.files_seen += 1
     if o.status != "accepted":
         entry = {"path": o.item.path, "reason": o.reason}
@@ -186,7 +191,7 @@ def _record(o: Outcome, state: _Pass1, writer: RowWriter, fraction: float) -> No
         return
     d, item = o.decoded, o.item
     assert d is not None and o.pixel_sha256 is not None
-    split = item.split or assign_split(o.pixel_sha256, fraction)
+    split = item.split or assign_split(o.pixel_sha256, fraction, test_fraction)
     if d.notes:
         state.converted_total += 1
         if len(state.converted) < LISTED:
