@@ -1,99 +1,106 @@
-"""What the judge's FD ratio means: reference "generators" scored exactly as the demo scores a model.
+"""What the judge's figures mean: reference "generators" scored exactly as the demo scores a model.
 
     python bench/judge_scale.py                           # the reference points on the digits
-    python bench/judge_scale.py --model runs/demo/model   # and a model over several sets of samples
+    python bench/judge_scale.py --model runs/demo/model   # and a model, over the same number of sets
 
-The FD ratio (src/sdpipe/evaluate/judge.py) divides the Frechet distance of n samples to the whole training
-set by that of n training images drawn *without replacement*. Those subsets share most of their images with
-the set they are compared to, so the baseline is low. This prints, for n = --n:
+The judge (src/sdpipe/evaluate/judge.py) is fitted on the digits' training part and compares samples with the
+held-out quarter, which no model trains on. Each reference draws --sets sets of --n images (labels in turn, as
+the evaluation asks for them) and prints the mean and 95 % interval of each figure:
 
-- copies: n random training images themselves, drawn with replacement (labels in turn, as the evaluation asks
-  for them, and at random): what perfect memorization scores, and how far one set swings;
-- noisy copies: the same plus Gaussian pixel noise, with their near-copy share: memorization that the
-  near-copy rule (< 2 %) lets through;
-- new data: held-out real digits (the judge fitted on two thirds, scoring the rest), and fresh draws from a
-  Gaussian fitted to the real features against a Gaussian-drawn reference of the real set's size, i.e.
-  what a model that generalizes perfectly scores with no memorization at all;
-- with --model: the model's FD ratio, label accuracy and near-copy share over --sets sets of n samples at
-  its own sampling settings or --steps (sample seeds 1e6.., 2e6.., ...).
+- copies: training images themselves (with replacement): the Frechet ratio's 1.0 and the two-sample test's
+  0.5 by construction, and every one a near-copy;
+- noisy copies: the same plus Gaussian pixel noise of sd 0.5..2 (of 0..16), rounded to the PNG's 255 levels:
+  memorization the near-copy rule must catch, and how far noise moves the other figures;
+- a per-class Gaussian fitted to the training part: a generator that knows only each class's mean and
+  covariance;
+- with --model: the model at its own sampling settings (or --steps), seeds as `sdpipe evaluate` draws them.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import numpy as np
 
 from sdpipe.config import load_config
-from sdpipe.data import load_dataset
-from sdpipe.evaluate.judge import Judge, draw_training_copies, frechet_distance
-from sdpipe.evaluate.run import fit_judge, sample_and_score
+from sdpipe.data import Dataset
+from sdpipe.data.imageset import split_arrays
+from sdpipe.evaluate.intervals import fmt, summarize
+from sdpipe.evaluate.judge import Judge, draw_training_copies
+from sdpipe.evaluate.run import fit_judge, score_sets
+
+# one reference set: (rng, n) -> (images in 0..16, the labels they were drawn for)
+Draw = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
 
 
-def noisy_copies(judge: Judge, images: np.ndarray, labels: np.ndarray, n: int, noise: float, seed: int) -> dict:
+def as_png(x: np.ndarray) -> np.ndarray:
+    """0..16 intensities as a PNG holds them: clipped, rounded to 255 levels."""
+    return np.round(np.clip(x, 0, 16) * 255 / 16) * 16 / 255
+
+
+def copies(train: Dataset, noise: float) -> Draw:
+    def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        pick = draw_training_copies(len(train.images), train.labels, n, rng)
+        x = train.images[pick]
+        return as_png(x + noise * rng.standard_normal(x.shape) if noise else x), train.labels[pick]
+
+    return draw
+
+
+def class_gaussian(train: Dataset) -> Draw:
+    flat = train.images.reshape(len(train.images), -1)
+    fits = [(flat[train.labels == c].mean(0), np.cov(flat[train.labels == c], rowvar=False)) for c in range(10)]
+
+    def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % 10
+        x = np.stack([rng.multivariate_normal(*fits[c]) for c in labels]).reshape(n, *train.images.shape[1:])
+        return as_png(x), labels
+
+    return draw
+
+
+def line(name: str, row: dict) -> str:
+    iv = row["intervals"]
+    return (
+        f"  {name:<34} FD ratio {fmt(iv['fd_ratio'])}  two-sample {fmt(iv['two_sample_accuracy'], 3)}  "
+        f"near-copies {fmt(iv['near_copy_share'], 1, True)}  accuracy {fmt(iv['label_accuracy'], 1, True)}"
+    )
+
+
+def reference(judge: Judge, draw: Draw, n: int, sets: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    pick = draw_training_copies(len(images), labels, n, rng)
-    x = images.reshape(len(images), -1)[pick] + noise * rng.standard_normal((n, images[0].size))
-    return judge.score(np.clip(x, images.min(), images.max()), labels[pick])  # each copy's own label
-
-
-def gaussian_new_data_ratio(features: np.ndarray, n: int, seed: int, repeats: int = 10) -> float:
-    """FD ratio of n fresh Gaussian draws against a reference of len(features) draws from the same Gaussian,
-    over that of n-subsets of the reference: the judge's geometry with a generator that generalizes perfectly."""
-    rng = np.random.default_rng(seed)
-    mu, cov = features.mean(0), np.cov(features, rowvar=False)
-    ratios = []
-    for _ in range(repeats):
-        ref = rng.multivariate_normal(mu, cov, len(features))
-        base = np.mean([frechet_distance(ref[rng.choice(len(ref), n, False)], ref) for _ in range(10)])
-        ratios.append(frechet_distance(rng.multivariate_normal(mu, cov, n), ref) / base)
-    return float(np.mean(ratios))
+    return summarize([judge.score(*draw(rng, n)) for _ in range(sets)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="samples per set (the demo judges 1000)")
-    parser.add_argument("--model", help="a model directory to score over --sets sets")
-    parser.add_argument("--sets", type=int, default=4, help="sets of --n samples for --model")
+    parser.add_argument("--sets", type=int, default=4, help="sets per reference and for --model")
+    parser.add_argument("--model", help="a model directory to score as well")
     parser.add_argument("--steps", type=int, help="sampler steps for --model (default: the model's own)")
     args = parser.parse_args()
-    cfg = load_config()
-    data = load_dataset(cfg.data)
-    judge = fit_judge(data, cfg.evaluate)
-    print(f"digits, n = {args.n}, judge seed {cfg.evaluate.seed}; FD ratio (lower is closer to the training set)")
-    cycled, anyway = judge.copier_ratio(data.labels, args.n), judge.copier_ratio(None, args.n)
+    cfg = load_config(None, [f"evaluate.n_samples={args.n}", f"evaluate.sample_sets={args.sets}"])
+    train, heldout = split_arrays(cfg.data, "train"), split_arrays(cfg.data, "test")
+    judge = fit_judge(train, heldout, cfg.evaluate)
     print(
-        f"  copies, labels in turn:   mean {cycled['mean']:.2f} over 20 sets (one set: "
-        f"{cycled['min']:.2f}-{cycled['max']:.2f})"
+        f"digits: judge fitted on {len(train.images)} training images, held-out part {len(heldout.images)}; "
+        f"{args.sets} sets of {args.n}; mean (95 % interval)"
     )
-    print(f"  copies, labels at random: mean {anyway['mean']:.2f} ({anyway['min']:.2f}-{anyway['max']:.2f})")
-    for noise in (0.5, 1.0, 1.25, 1.5, 2.0):
-        r = noisy_copies(judge, data.images, data.labels, args.n, noise, cfg.evaluate.seed)
-        print(
-            f"  copies + noise sd {noise} (of 0..16): FD ratio {r['fd_ratio']:.2f}, "
-            f"near-copies {r['near_copy_share']:.1%}"
-        )
-    heldout = Judge.heldout_real_ratio(data.images, pca_components=cfg.evaluate.pca_components, seed=cfg.evaluate.seed)
-    print(f"  new real digits (held-out third, 2:1 split): {heldout:.2f}")
-    gauss = gaussian_new_data_ratio(judge.real_features, args.n, cfg.evaluate.seed)
-    print(f"  fresh Gaussian draws, n vs {len(data.images)}: {gauss:.2f}")
+    print(f"  two-sample test of real training images vs held-out: {judge.real_two_sample():.3f}")
+    seed = cfg.evaluate.seed
+    for noise in (0.0, 0.5, 1.0, 1.5, 2.0):
+        name = "training images themselves" if noise == 0 else f"copies + pixel noise sd {noise}"
+        print(line(name, reference(judge, copies(train, noise), args.n, args.sets, seed)), flush=True)
+    print(line("per-class Gaussian", reference(judge, class_gaussian(train), args.n, args.sets, seed)))
     if args.model:
         from sdpipe.models import load_model
         from sdpipe.sampling.generate import model_sample_spec
 
         model = load_model(args.model)
         spec = model_sample_spec(model.meta.config, model.scheduler_config, args.steps, None, None)
-        rows = [
-            sample_and_score(model, judge, spec, args.n, k * 10**6, show_progress=False)
-            for k in range(1, args.sets + 1)
-        ]
-        fds = [r["fd_ratio"] for r in rows]
-        print(
-            f"  {args.model} ({spec.sampler}, {spec.steps} steps, guidance {spec.guidance:g}): mean {np.mean(fds):.2f} "
-            f"over {args.sets} sets ({', '.join(f'{f:.2f}' for f in fds)}); label accuracy "
-            f"{np.mean([r['label_accuracy'] for r in rows]):.1%}, near-copies "
-            f"{np.mean([r['near_copy_share'] for r in rows]):.1%}"
-        )
+        row = score_sets(model, judge, spec, cfg.evaluate, args.sets, show_progress=False)
+        print(line(f"{args.model} ({spec.sampler} x{spec.steps})", row))
 
 
 if __name__ == "__main__":

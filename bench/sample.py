@@ -33,10 +33,11 @@ from diffusers.schedulers.scheduling_edm_euler import EDMEulerScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdpipe.config import load_config
-from sdpipe.data import load_dataset
+from sdpipe.data.imageset import split_arrays
 from sdpipe.evaluate.features import load_or_train_feature_net, real_features, source_to_pixels
 from sdpipe.evaluate.judge import Judge
 from sdpipe.evaluate.metrics import fid_kid, precision_recall
+from sdpipe.evaluate.run import fit_judge
 from sdpipe.models import LoadedModel, load_model
 from sdpipe.sampling import SampleSpec, generate
 from sdpipe.sampling.files import pixels_to_source, to_pixels
@@ -137,11 +138,13 @@ def main() -> None:
     batch = args.batch or spec.micro_batch
     n_classes = len(model.meta.class_names or [])
     labels = [i % n_classes for i in range(args.n)]
-    data = load_dataset(load_config().data)
+    cfg = load_config()
+    data, heldout = split_arrays(cfg.data, "train"), split_arrays(cfg.data, "test")  # the judge's two parts
     real_px = source_to_pixels(data.images, data.value_range)
     net = load_or_train_feature_net(real_px, data.labels, len(data.class_names), data.dataset_id)
-    scorer = {"net": net, "real": real_features(net, real_px, data.dataset_id)}
-    judge = Judge.fit(data.images, data.labels)
+    held_px = source_to_pixels(heldout.images, heldout.value_range)
+    scorer = {"net": net, "real": real_features(net, held_px, heldout.dataset_id)}
+    judge = fit_judge(data, heldout, cfg.evaluate)
     results: dict = {"threads": torch.get_num_threads(), "n": args.n, "guidance": spec.guidance}
 
     fast = load_model(args.model)  # a second copy: channels_last (+ compiled); `model` stays as shipped

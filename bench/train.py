@@ -39,8 +39,11 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from sdpipe.config import PipelineConfig, load_config
-from sdpipe.data import load_dataset, open_split, to_model_range
+from sdpipe.data import open_split, to_model_range
+from sdpipe.data.imageset import split_arrays
+from sdpipe.evaluate.intervals import apart, fmt, interval, summarize
 from sdpipe.evaluate.judge import Judge
+from sdpipe.evaluate.run import fit_judge
 from sdpipe.models import build_unet
 from sdpipe.sampling import SampleSpec, generate
 from sdpipe.sampling.files import pixels_to_source, to_pixels
@@ -50,7 +53,8 @@ SPEC = SampleSpec("dpmpp_2m", 20, 1.0, 64)
 
 
 def score(unet: torch.nn.Module, scheduler_config: dict, judge: Judge, n: int, sets: int) -> dict:
-    """The judge's scores averaged over `sets` sets of n samples (labels cycling), plus each set's FD ratio."""
+    """The judge's scores over `sets` sets of n samples (labels cycling): means, 95 % intervals, and each set's
+    FD ratio."""
     labels = [i % 10 for i in range(n)]
     rows = []
     for k in range(1, sets + 1):
@@ -58,11 +62,8 @@ def score(unet: torch.nn.Module, scheduler_config: dict, judge: Judge, n: int, s
         x = generate(unet, scheduler_config, seeds, labels, shape=(1, 8, 8), null_label=10, spec=SPEC)
         samples = pixels_to_source(to_pixels(x, (0.0, 16.0)), (0.0, 16.0))
         rows.append(judge.score(samples, np.array(labels)))
-    keys = ("fd_ratio", "label_accuracy", "near_copy_share")
-    return {
-        **{key: float(np.mean([r[key] for r in rows])) for key in keys},
-        "fd_ratio_per_set": [r["fd_ratio"] for r in rows],
-    }
+    summary = summarize(rows)
+    return {**summary, "fd_ratio_per_set": summary["intervals"]["fd_ratio"]["values"]}
 
 
 def per_set(scores: dict) -> str:
@@ -74,7 +75,7 @@ class PlainLoop:
 
     def __init__(self, checkpoints: list[float], judge: Judge, n: int, sets: int, seed: int = 0) -> None:
         cfg = load_config()
-        data = load_dataset(cfg.data)
+        data = split_arrays(cfg.data, "train")  # the training part: the held-out quarter is the judge's
         torch.manual_seed(seed)  # the initial weights, as sdpipe's train() draws them for train.seed
         self.unet = build_unet(cfg.model, sample_size=8, channels=1, num_classes=10)
         self.gen = torch.Generator().manual_seed(seed)  # its own: sdpipe's runs reseed torch's global one
@@ -165,9 +166,15 @@ def sdpipe_recipe(
 
 
 def mean_over_seeds(per_seed: list[list[dict]]) -> list[dict]:
-    """Row i of each seed's results averaged (seconds, steps, samples/s, FD ratio, label accuracy)."""
+    """Row i of each seed's results averaged (seconds, steps, samples/s, FD ratio, label accuracy), with the
+    95 % interval of the FD ratio over every sample set of every seed."""
     keys = ("seconds", "steps", "samples_per_s", "fd_ratio", "label_accuracy")
-    return [{k: float(np.mean([rows[i][k] for rows in per_seed])) for k in keys} for i in range(len(per_seed[0]))]
+    rows = []
+    for i in range(len(per_seed[0])):
+        row = {k: float(np.mean([runs[i][k] for runs in per_seed])) for k in keys}
+        row["fd_interval"] = interval([v for runs in per_seed for v in runs[i]["fd_ratio_per_set"]])
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -178,8 +185,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.37, 0.4, 0.47, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; means are compared")
     args = parser.parse_args()
-    data = load_dataset(load_config().data)
-    judge = Judge.fit(data.images, data.labels, pca_components=32, seed=1_000_000)
+    cfg = load_config()
+    judge = fit_judge(split_arrays(cfg.data, "train"), split_arrays(cfg.data, "test"), cfg.evaluate)
     print(
         f"torch threads {torch.get_num_threads()}; judge: mean of {args.sets} sets of {args.n} samples, "
         "DPM-Solver++ 20 steps, guidance 1"
@@ -194,13 +201,15 @@ def main() -> None:
     target, ours = mean_over_seeds(plain_runs)[-1], mean_over_seeds(our_runs)
     over = f"mean of {len(args.seeds)} training seeds" if len(args.seeds) > 1 else f"training seed {args.seeds[0]}"
     print(
-        f"\n{over}: plain loop {target['samples_per_s']:.0f} samples/s; FD ratio {target['fd_ratio']:.3f} after "
+        f"\n{over}: plain loop {target['samples_per_s']:.0f} samples/s; FD ratio {fmt(target['fd_interval'], 3)} after "
         f"{target['seconds']:.0f} s, label accuracy {target['label_accuracy']:.1%}"
     )
     for r in ours:
         print(
             f"sdpipe {r['steps']:5.0f} steps: {r['samples_per_s']:.0f} samples/s, {r['seconds']:.0f} s, "
-            f"FD ratio {r['fd_ratio']:.3f}, label accuracy {r['label_accuracy']:.1%}"
+            f"FD ratio {fmt(r['fd_interval'], 3)}, label accuracy {r['label_accuracy']:.1%}; "
+            + ("outside" if apart(r["fd_interval"], target["fd_interval"]) else "inside")
+            + " the intervals of the plain loop's"
         )
     reached = [r for r in ours if r["fd_ratio"] <= target["fd_ratio"]]
     if reached:

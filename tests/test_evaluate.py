@@ -123,12 +123,14 @@ def test_evaluate_command_errors_name_the_problem(tiny_model_dir: Path, tmp_path
 def test_validation_loss_is_repeatable_and_uses_the_validation_split(tiny_model_dir: Path) -> None:
     from sdpipe.config import load_config
     from sdpipe.data import load_dataset
+    from sdpipe.data.imageset import split_arrays
     from sdpipe.evaluate.full import model_validation_loss
 
     m = load_model(tiny_model_dir)
     data = load_dataset(load_config().data)
     whole = model_validation_loss(m)
-    assert whole["images"] == len(data.images) and "without a validation split" in whole["on"]
+    trained_on = len(split_arrays(load_config().data, "train").images)  # the held-out quarter is never used
+    assert whole["images"] == trained_on < len(data.images) and "without a validation split" in whole["on"]
     m.meta.config["data"]["validation_fraction"] = 0.3
     part = model_validation_loss(m)
     assert 0.2 < part["images"] / len(data.images) < 0.4 and "validation split" in part["on"]
@@ -158,3 +160,58 @@ def test_default_sweep_takes_the_samplers_the_model_takes(
     asked = evaluate_saved_model(edm, tmp_path / "b", samplers=["ddim", "dpmpp_2m"], **quiet)  # type: ignore[arg-type]
     assert [r["sampler"] for r in asked["steps_sweep"]] == ["dpmpp_2m"]
     assert any("ddim" in w and "do not apply" in w for w in asked["warnings"])
+    with pytest.raises(ValueError, match="none of ddim applies to this model; it takes euler, dpmpp_2m"):
+        evaluate_saved_model(edm, tmp_path / "c", samplers=["ddim"], **quiet)  # type: ignore[arg-type]
+
+
+def digits_folder(root: Path, n: int = 400) -> Path:
+    """The first n digits as class-named folders of 8x8 PNGs (pixel = round(v * 255 / 16))."""
+    from PIL import Image
+
+    from sdpipe.config import load_config
+    from sdpipe.data import load_dataset
+
+    d = load_dataset(load_config().data)
+    for i in range(n):
+        folder = root / str(d.labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(d.images[i, 0] * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_evaluate_a_model_trained_on_a_folder_against_its_heldout_split(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every model not trained on the digits failed here ("unknown data source 'folder'")."""
+    from sdpipe.config import load_config
+    from sdpipe.data.validate import validate
+    from sdpipe.pipeline import train_model
+
+    monkeypatch.setenv("SDPIPE_CACHE_DIR", str(cache))
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    src = digits_folder(Path("digits"))
+    sets = [*TINY, "data.source=folder", f"data.path={src}", "data.validated_dir=v", "data.test_fraction=0.25"]
+    cfg = load_config(None, sets)
+    report = validate(str(src), "v", cfg.data)
+    assert 0.15 < report["split_counts"]["test"] / report["accepted"] < 0.35
+    model = train_model(cfg, "run", show_progress=False).model
+    assert set(model.meta.splits or {}) == {"train", "test"}
+    saved = model.meta.config["data"]  # recorded absolute: the model finds its data from any folder
+    assert saved["path"] == str(tmp_path / "digits") and saved["validated_dir"] == str(tmp_path / "v")
+    monkeypatch.chdir(tmp_path / "run")
+    metrics = evaluate_saved_model(
+        tmp_path / "run" / "model", tmp_path / "e", n=20, samplers=["ddim"], steps=[2], show_progress=False
+    )
+    assert metrics["heldout_dataset_id"] == model.meta.splits["test"] and not metrics.get("warnings")
+    judge = metrics["evaluation"]["judge"]
+    assert judge["heldout_images"] == report["split_counts"]["test"]
+    assert judge["training_images"] == report["split_counts"]["train"]
+    d = metrics["evaluation"]["default"]
+    assert d["sets"] == 4 and len(d["intervals"]["fd_ratio"]["values"]) == 4
+    assert d["intervals"]["fd_ratio"]["low"] <= d["fd_ratio"] <= d["intervals"]["fd_ratio"]["high"]
+
+
+def test_evaluate_refuses_a_model_without_a_heldout_split(tmp_path: Path) -> None:
+    model = random_model(tmp_path / "m", sets=[*TINY, "data.test_fraction=0"])
+    with pytest.raises(ValueError, match="has no held-out test split"):
+        evaluate_saved_model(model, tmp_path / "e", n=20, show_progress=False)

@@ -18,18 +18,10 @@ from accelerate import PartialState
 from diffusers.models.unets.unet_2d import UNet2DModel
 
 from sdpipe.config import PipelineConfig
-from sdpipe.data import (
-    ImageSet,
-    SourceChangedError,
-    check_dataset,
-    ensure_validated,
-    load_dataset,
-    open_split,
-    to_source_range,
-)
-from sdpipe.evaluate.judge import Judge
+from sdpipe.data import ImageSet, SourceChangedError, check_dataset, ensure_validated, load_dataset, open_split
+from sdpipe.data.imageset import has_split, split_arrays
 from sdpipe.evaluate.report import write_report
-from sdpipe.evaluate.run import evaluate_model, sample_and_score
+from sdpipe.evaluate.run import evaluate_model, fit_judge, sample_and_score
 from sdpipe.models import LoadedModel, ModelMeta, load_model, save_model, weights_hash
 from sdpipe.models.format import library_versions
 from sdpipe.progress import progress_bar
@@ -48,7 +40,8 @@ def sample_spec(cfg: PipelineConfig) -> SampleSpec:
 
 
 def model_meta(cfg: PipelineConfig, data: ImageSet, weights: str) -> ModelMeta:
-    """What `sdpipe.json` records of a model trained on `data` with `cfg`."""
+    """What `sdpipe.json` records of a model trained on `data` with `cfg`: among the rest, the content ids of
+    its training split and of the held-out split it is judged against."""
     return ModelMeta(
         class_names=data.class_names,
         null_label=len(data.class_names) if data.class_names else None,
@@ -56,6 +49,7 @@ def model_meta(cfg: PipelineConfig, data: ImageSet, weights: str) -> ModelMeta:
         channels=data.image_shape[0],
         value_range=data.value_range,
         dataset_id=data.dataset_id,
+        splits={"train": data.split_id, **({"test": heldout_id(cfg)} if has_split(cfg.data, "test") else {})},
         preprocess=data.metadata()["preprocess"],
         weights_hash=weights,
         config=cfg.model_dump(mode="json"),
@@ -63,23 +57,31 @@ def model_meta(cfg: PipelineConfig, data: ImageSet, weights: str) -> ModelMeta:
     )
 
 
+def heldout_id(cfg: PipelineConfig) -> str:
+    return open_split(cfg.data, "test").split_id
+
+
+def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """`cfg` with data.path and data.validated_dir made absolute, so the config saved into the model and the
+    checkpoints names the data wherever it is read from later."""
+    update = {k: str(Path(v).resolve()) for k in ("path", "validated_dir") if (v := getattr(cfg.data, k))}
+    if not update or cfg.data.source == "digits":
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
+
+
 def training_evaluator(cfg: PipelineConfig, data: ImageSet) -> Callable[[UNet2DModel], dict] | None:
-    """For `train.eval_every`: the judge's FD ratio, label accuracy and near-copy share of
-    `train.eval_samples` images from the weights in training (fixed seeds, the model's sampler). The judge is
-    fitted on (up to 5000 of) the training images."""
+    """For `train.eval_every`: the judge's figures for `train.eval_samples` images from the weights in training
+    (fixed seeds, the model's sampler), fitted on the training split and comparing with the held-out one."""
     if cfg.train.eval_every is None:
         return None
     if not data.class_names:
         raise ValueError("train.eval_every judges label accuracy too, so it needs labelled data")
-    x, y = data.batch(torch.arange(min(len(data), 5000)), torch.Generator().manual_seed(cfg.evaluate.seed))
-    judge = Judge.fit(
-        to_source_range(x, data.value_range).numpy(),
-        y.numpy(),
-        pca_components=cfg.evaluate.pca_components,
-        seed=cfg.evaluate.seed,
-    )
+    if not has_split(cfg.data, "test"):
+        raise ValueError("train.eval_every judges against the held-out split: set data.test_fraction (e.g. 0.25)")
+    judge = fit_judge(split_arrays(cfg.data, "train"), split_arrays(cfg.data, "test"), cfg.evaluate)
     meta = model_meta(cfg, data, "in-training")
-    keys = ("fd_ratio", "label_accuracy", "near_copy_share", "images_per_s")
+    keys = ("fd_ratio", "two_sample_accuracy", "label_accuracy", "near_copy_share", "images_per_s")
 
     def evaluate(unet: UNet2DModel) -> dict:
         model = LoadedModel(Path("."), unet, sampler_config(cfg), meta)
@@ -108,6 +110,7 @@ def train_model(
     again with `revalidate`), train (or, with `resume`, continue from RUN's last checkpoint), and save the
     model to RUN/model in the diffusers-based format."""
     run_dir = Path(run_dir)
+    cfg = absolute_paths(cfg)
     t0 = time.perf_counter()
     if cfg.data.source == "digits":
         check = check_dataset(load_dataset(cfg.data))
@@ -133,7 +136,7 @@ def train_model(
             cfg,
             data,
             run_dir,
-            progress=lambda step, row: advance(1, f"loss {row['loss']:.4f}  {row['samples_per_s']:.0f} samples/s"),
+            progress=lambda step, row: advance(1, _progress_text(row)),
             resume=resume,
             validation=validation,
             evaluator=training_evaluator(cfg, data),
@@ -148,7 +151,48 @@ def train_model(
     processes.wait_for_everyone()
     model = load_model(run_dir / "model")  # everything after this uses the model exactly as saved
     seconds["save"] = time.perf_counter() - t
-    return TrainedModel(data, result, model, seconds)
+    trained = TrainedModel(data, result, model, seconds)
+    if processes.is_main_process:
+        write_training_report(cfg, run_dir, trained)
+    return trained
+
+
+def _progress_text(row: dict) -> str:
+    """The progress bar's line: the plain denoising loss (the optimized objective, with the learned weighting,
+    is not a loss one can read: it goes negative)."""
+    loss = row.get("denoising_loss", row["loss"])
+    return f"denoising loss {loss:.4f}  {row['samples_per_s']:.0f} samples/s"
+
+
+def training_metrics(cfg: PipelineConfig, result: TrainResult) -> dict:
+    last = result.history[-50:]
+    key = "denoising_loss" if all("denoising_loss" in r for r in last) else "loss"
+    return {
+        "steps": cfg.train.steps,
+        "seconds": result.seconds,
+        "samples_per_s": result.samples_per_second,
+        f"final_{key}": sum(r[key] for r in last) / max(len(last), 1),
+        "events": result.events,
+    }
+
+
+def write_training_report(cfg: PipelineConfig, run_dir: Path, trained: TrainedModel) -> Path:
+    """RUN/report.html for every training run: the loss curve, training events, a grid of samples, the config
+    (the demo writes a fuller one, with the judge's figures, over it)."""
+    per_class = 8 if trained.model.meta.class_names else 32
+    grid = sample_grid_pixels(trained.model, sample_spec(cfg), per_class=per_class, seed=0)
+    rows = len(trained.model.meta.class_names or []) or 4
+    return write_report(
+        run_dir / "report.html",
+        title=f"sdpipe train: {run_dir}",
+        metrics={"model": trained.model.meta.weights_hash, "train": training_metrics(cfg, trained.result)},
+        history=trained.result.history,
+        grid_pixels=grid,
+        grid_rows=rows,
+        row_names=trained.model.meta.class_names,
+        config=cfg.model_dump(mode="json"),
+        timings=trained.seconds,
+    )
 
 
 @dataclass
@@ -169,7 +213,7 @@ def run_demo(cfg: PipelineConfig, out: str | Path, show_progress: bool = True) -
     t0 = time.perf_counter()
     trained = train_model(cfg, out, show_progress)
     model, result = trained.model, trained.result
-    data = load_dataset(cfg.data)  # the whole set: what the judge compares samples with
+    train_part, heldout = split_arrays(cfg.data, "train"), split_arrays(cfg.data, "test")
     timings = dict(trained.seconds)
 
     t = time.perf_counter()
@@ -177,20 +221,15 @@ def run_demo(cfg: PipelineConfig, out: str | Path, show_progress: bool = True) -
     timings["sample_grid"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    evaluation = evaluate_model(model, data, cfg.evaluate, sample_spec(cfg), show_progress)
+    evaluation = evaluate_model(model, train_part, heldout, cfg.evaluate, sample_spec(cfg), show_progress)
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     metrics = {
         "model": model.meta.weights_hash,
-        "dataset_id": data.dataset_id,
-        "train": {
-            "steps": cfg.train.steps,
-            "seconds": result.seconds,
-            "samples_per_s": result.samples_per_second,
-            "final_loss": sum(r["loss"] for r in result.history[-50:]) / len(result.history[-50:]),
-            "events": result.events,
-        },
+        "dataset_id": model.meta.dataset_id,
+        "splits": model.meta.splits,
+        "train": training_metrics(cfg, result),
         "evaluation": evaluation,
         "timings_s": timings,
     }
@@ -201,8 +240,8 @@ def run_demo(cfg: PipelineConfig, out: str | Path, show_progress: bool = True) -
         metrics=metrics,
         history=result.history,
         grid_pixels=grid_pixels,
-        grid_rows=len(data.class_names),
-        row_names=data.class_names,
+        grid_rows=len(model.meta.class_names or []),
+        row_names=model.meta.class_names,
         config=cfg.model_dump(mode="json"),
         timings=timings,
     )

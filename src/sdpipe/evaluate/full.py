@@ -69,18 +69,19 @@ class FeatureScorer:
         return out
 
 
-def make_scorer(data: Dataset, cfg: EvaluateConfig, inception: Path | None) -> FeatureScorer:
-    """The feature network (always: it is also the classifier) and the chosen extractor, with real features."""
-    if len(data.class_names or []) < 2:
+def make_scorer(train: Dataset, heldout: Dataset, cfg: EvaluateConfig, inception: Path | None) -> FeatureScorer:
+    """The feature network (always: it is also the classifier), trained on the training part, and the chosen
+    extractor, with the held-out part's features as the real side of FID, KID, precision and recall."""
+    if len(train.class_names or []) < 2:
         raise ValueError(
-            f"data {data.dataset_id} has no class labels: sdpipe's feature network and the judge are classifiers "
+            f"data {train.dataset_id} has no class labels: sdpipe's feature network and the judge are classifiers "
             "trained on labelled real data, so evaluating against unlabelled data is not supported yet"
         )
-    pixels = source_to_pixels(data.images, data.value_range)
-    net = load_or_train_feature_net(pixels, data.labels, len(data.class_names), data.dataset_id)
+    pixels = source_to_pixels(train.images, train.value_range)
+    net = load_or_train_feature_net(pixels, train.labels, len(train.class_names), train.dataset_id)
     extractor: FeatureExtractor = InceptionFeatures(inception) if inception is not None else net
-    real = real_features(extractor, pixels, data.dataset_id)
-    return FeatureScorer(extractor, real, net, data.class_names, cfg.seed)
+    real = real_features(extractor, source_to_pixels(heldout.images, heldout.value_range), heldout.dataset_id)
+    return FeatureScorer(extractor, real, net, train.class_names, cfg.seed)
 
 
 def steps_sweep(
@@ -104,6 +105,7 @@ def steps_sweep(
             else:
                 other = SampleSpec(sampler, n_steps, spec.guidance, spec.micro_batch)
                 row = sample_and_score(model, judge, other, cfg.n_samples, cfg.seed, show_progress, scorer)
+                row["sets"] = 1  # one set per cell: the table shows trends; the default row has the intervals
                 scorer.seen.clear()
             rows.append(_sweep_row(row))
     return rows
@@ -111,7 +113,7 @@ def steps_sweep(
 
 def _sweep_row(row: dict) -> dict:
     keys = ["sampler", "steps", "guidance", "fid", "kid_mean", "precision", "recall", "fd_ratio"]
-    keys += ["classifier_accuracy", "label_accuracy", "images_per_s"]
+    keys += ["two_sample_accuracy", "classifier_accuracy", "label_accuracy", "images_per_s", "sets"]
     return {k: row[k] for k in keys if k in row}
 
 
@@ -138,7 +140,8 @@ def model_validation_loss(model: LoadedModel, max_images: int = 5000) -> dict:
 
 def run_evaluation(
     model: LoadedModel,
-    data: Dataset,
+    train: Dataset,
+    heldout: Dataset,
     cfg: EvaluateConfig,
     spec: SampleSpec,
     *,
@@ -148,16 +151,17 @@ def run_evaluation(
     n_inside: int = 4,
     show_progress: bool = True,
 ) -> EvaluationResult:
-    """All of `sdpipe evaluate`'s numbers and pictures for `model` against `data`."""
+    """All of `sdpipe evaluate`'s numbers and pictures for `model`, judged against `heldout` (data the model
+    never trained on) with features and classifiers fitted on `train`."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    scorer = make_scorer(data, cfg, inception)
-    judge = fit_judge(data, cfg)
+    scorer = make_scorer(train, heldout, cfg, inception)
+    judge = fit_judge(train, heldout, cfg)
     timings["features_and_judge"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    evaluation = evaluate_model(model, data, cfg, spec, show_progress, extra=scorer, judge=judge)
-    default_pixels = scorer.seen[0]  # evaluate_model scores the default settings first
+    evaluation = evaluate_model(model, train, heldout, cfg, spec, show_progress, extra=scorer, judge=judge)
+    default_pixels = scorer.seen[0]  # evaluate_model scores the default settings' first set first
     scorer.seen.clear()
     timings["default_and_guidance"] = time.perf_counter() - t
 
@@ -188,10 +192,11 @@ def run_evaluation(
     default = evaluation["default"]
     metrics = {
         "model": model.meta.weights_hash,
-        "dataset_id": data.dataset_id,
+        "dataset_id": train.dataset_id,
+        "heldout_dataset_id": heldout.dataset_id,
         "features": {"name": scorer.extractor.name, "description": scorer.extractor.description},
         "classifier": {
-            "what": "the feature network's classification head, trained on the real data",
+            "what": "the feature network's classification head, trained on the training part",
             "heldout_real_accuracy": scorer.classifier.heldout_accuracy,
             "accuracy": default.get("classifier_accuracy"),
             "per_class": default.get("classifier_accuracy_per_class"),
@@ -203,7 +208,7 @@ def run_evaluation(
         "inside": {"seeds": seeds, "labels": labels, "attention_layers": sorted(maps)},
         "timings_s": timings,
     }
-    train_px = source_to_pixels(data.images, data.value_range)
+    train_px = source_to_pixels(train.images, train.value_range)
     pairs = [(default_pixels[p["sample"]], train_px[p["train_index"]], p["distance"]) for p in memo["closest_pairs"]]
     pictures = {"pairs": pairs, "trajectory": traj, "final": final, "attention": maps}
     return EvaluationResult(metrics, pictures)

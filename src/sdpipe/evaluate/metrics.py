@@ -90,9 +90,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str
 
 
 def memorization(judge: Judge, samples: np.ndarray, pairs: int = 8) -> dict:
-    """Near-copies by the judge's rule (L2 in source intensities to the nearest training image below the
-    smallest distance between two distinct training images), with the `pairs` closest (sample, training
-    image) pairs, closest first."""
+    """Near-copies by the judge's rule (L2 in source intensities to the nearest training image below the 1st
+    percentile of the held-out images' distances to theirs), with the `pairs` closest (sample, training image)
+    pairs, closest first."""
     x = samples.reshape(len(samples), -1).astype(np.float64)
     dist, idx = judge.nn.kneighbors(x, n_neighbors=1)
     dist, idx = dist[:, 0], idx[:, 0]

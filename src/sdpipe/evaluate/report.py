@@ -23,20 +23,28 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def loss_series(history: list[dict]) -> tuple[str, np.ndarray, np.ndarray]:
+    """(key, steps, values) of the loss the curve draws: `denoising_loss` where every row has it."""
+    key = "denoising_loss" if history and all("denoising_loss" in r for r in history) else "loss"
+    return key, np.array([r["step"] for r in history]), np.array([r[key] for r in history])
+
+
 def loss_curve(history: list[dict], validations: list[dict] | None = None) -> str:
-    """The training loss per step (and its running mean), with the validation losses when there are any."""
-    steps = np.array([r["step"] for r in history])
-    loss = np.array([r["loss"] for r in history])
+    """The plain denoising loss per step (`denoising_loss`; older runs: `loss`) and its running mean, with the
+    validation losses when there are any. Not the optimized objective: with the learned uncertainty weighting
+    that goes negative, which a log axis cannot show, and it is not comparable across runs."""
+    key, steps, loss = loss_series(history)
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(steps, loss, lw=0.5, alpha=0.4, label="loss")
+    ax.plot(steps, loss, lw=0.5, alpha=0.4, label="denoising loss" if key == "denoising_loss" else "loss")
     if len(loss) >= 20:
         k = max(len(loss) // 50, 5)
         ax.plot(steps[k - 1 :], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
     if validations:
         ax.plot([v["step"] for v in validations], [v["val_loss"] for v in validations], "o-", label="validation")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
+    ax.set_ylabel("denoising loss (plain, unweighted)" if key == "denoising_loss" else "training loss")
+    if (loss > 0).all():
+        ax.set_yscale("log")
     ax.legend()
     return _png(fig)
 
@@ -73,8 +81,16 @@ def sample_grid(pixels: np.ndarray, rows: int, row_names: list[str] | None = Non
 
 def _table(rows: list[dict], keys: list[str]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(r, k)}</td>" for k in keys) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(row: dict, key: str) -> str:
+    """A row's value, with its 95 % interval over sample sets where the row has one."""
+    iv = row.get("intervals", {}).get(key)
+    if iv is None or iv["low"] == iv["high"]:
+        return _fmt(row.get(key))
+    return f"{iv['mean']:.4g} <small>({iv['low']:.3g}&ndash;{iv['high']:.3g})</small>"
 
 
 def _fmt(v: Any) -> str:
@@ -83,6 +99,32 @@ def _fmt(v: Any) -> str:
     if isinstance(v, dict):
         return ", ".join(f"{html.escape(str(k))} {_fmt(x)}" for k, x in v.items())
     return html.escape(str(v))
+
+
+JUDGE_KEYS = [
+    "sampler", "steps", "guidance", "sets", "fd_ratio", "two_sample_accuracy", "two_sample_accuracy_real",
+    "near_copy_share", "label_accuracy", "images_per_s",
+]  # fmt: skip
+INTERVAL_NOTE = (
+    "<p>Against the held-out part, which the model never trained on; each figure is the mean over independent "
+    "sample sets, with its 95 % interval in brackets. FD ratio 1.0 and two-sample accuracy 0.5 are what real "
+    "training images score.</p>"
+)
+
+
+def _quality_parts(ev: dict) -> list[str]:
+    judge = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in ev["judge"].items())
+    per_class = ev["default"].get("label_accuracy_per_class", {})
+    return [
+        "<h2>Quality (default generate settings)</h2>",
+        INTERVAL_NOTE,
+        _table([ev["default"]], JUDGE_KEYS),
+        "<h2>Guidance sweep</h2>",
+        _table(ev["guidance_sweep"], JUDGE_KEYS),
+        "<h3>Accuracy per class (first sample set)</h3>",
+        _table([per_class], list(per_class)) if per_class else "",
+        f"<h3>How it was judged</h3><ul>{judge}</ul>",
+    ]
 
 
 def write_report(
@@ -97,23 +139,14 @@ def write_report(
     config: dict,
     timings: dict[str, float],
 ) -> Path:
-    ev = metrics["evaluation"]
+    ev = metrics.get("evaluation")  # None for a training run's report: no judge, just training
     all_events = metrics.get("train", {}).get("events", [])
     validations = [e for e in all_events if e["event"] == "validation"]
     evaluations = [e for e in all_events if e["event"] == "evaluation"]
     events = [e for e in all_events if e["event"] not in ("validation", "evaluation")]  # skipped steps, rollbacks
-    keys = ["sampler", "steps", "guidance", "fd_ratio", "label_accuracy", "near_copy_share", "images_per_s"]
-    judge = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in ev["judge"].items())
-    per_class = ev["default"].get("label_accuracy_per_class", {})
     parts = [
         f"<h1>{html.escape(title)}</h1>",
-        "<h2>Quality (default generate settings)</h2>",
-        _table([ev["default"]], keys),
-        "<h2>Guidance sweep</h2>",
-        _table(ev["guidance_sweep"], keys),
-        "<h3>Accuracy per class</h3>",
-        _table([per_class], list(per_class)) if per_class else "",
-        f"<h3>How it was judged</h3><ul>{judge}</ul>",
+        *(_quality_parts(ev) if ev else []),
         "<h2>Training events</h2>",
         _table(events, ["step", "event", "consecutive", "to_step", "lr_scale"]) if events else "<p>none</p>",
         "<h2>Training loss</h2>",
@@ -203,12 +236,13 @@ def write_evaluation_report(path: str | Path, *, title: str, metrics: dict, pict
     d = ev["default"]
     dist_keys = ["sampler", "steps", "guidance", "n", "fid", "kid_mean", "kid_std", "precision", "recall"]
     sweep_keys = list(metrics["steps_sweep"][0]) if metrics["steps_sweep"] else []
-    judge_keys = ["sampler", "steps", "guidance", "fd_ratio", "label_accuracy", "near_copy_share", "images_per_s"]
     features = metrics["features"]
     parts = [
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>model {_fmt(metrics['model'])}, data {_fmt(metrics['dataset_id'])}</p>",
-        "<h2>Distribution metrics (default generate settings)</h2>",
+        f"<p>model {_fmt(metrics['model'])}, trained on {_fmt(metrics['dataset_id'])}, judged against the held-out "
+        f"part {_fmt(metrics.get('heldout_dataset_id'))}</p>",
+        "<h2>Distribution metrics (default generate settings, against the held-out part)</h2>",
+        INTERVAL_NOTE,
         f"<p><b>Features: {_fmt(features['name'])}</b>. {_fmt(features['description'])}</p>",
         _table([d], dist_keys),
         "<h2>Classifier accuracy on samples</h2>",
@@ -216,15 +250,15 @@ def write_evaluation_report(path: str | Path, *, title: str, metrics: dict, pict
         f"on the samples: {_fmt(clf['accuracy'])}.</p>",
         _table([clf["per_class"]], list(clf["per_class"])) if clf["per_class"] else "<p>unconditional model</p>",
         "<h2>Memorization</h2>",
-        f"<p>near-copies: {_fmt(memo['near_copy_share'])} of the samples (L2 to the nearest training image below "
-        f"{_fmt(memo['near_copy_threshold'])}, the smallest distance between two distinct training images). "
+        f"<p>near-copies: {_fmt(memo['near_copy_share'])} of the first sample set (L2 to the nearest training image "
+        f"below {_fmt(memo['near_copy_threshold'])}, the distance that 99 % of the held-out images exceed). "
         "Closest pairs (L2 above each pair):</p>",
         f'<img alt="closest pairs" src="{pairs_picture(pictures["pairs"])}">' if pictures["pairs"] else "",
         "<h2>Quality versus sampling steps</h2>",
         _table(metrics["steps_sweep"], sweep_keys),
         f'<img alt="quality versus steps" src="{steps_plot(metrics["steps_sweep"])}">' if sweep_keys else "",
         "<h2>The judge (guidance sweep)</h2>",
-        _table(ev["guidance_sweep"], judge_keys),
+        _table(ev["guidance_sweep"], JUDGE_KEYS),
         "<h2>Validation loss</h2>",
         _validation_loss(metrics["validation_loss"]),
         "<h2>Denoising trajectory (the model's clean-image prediction after each step)</h2>",

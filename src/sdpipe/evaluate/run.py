@@ -6,24 +6,15 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.svm import SVC
 
 from sdpipe.config import EvaluateConfig
 from sdpipe.data import Dataset
+from sdpipe.evaluate.intervals import summarize
 from sdpipe.evaluate.judge import Judge
 from sdpipe.models import LoadedModel
 from sdpipe.progress import progress_bar
 from sdpipe.sampling import SampleSpec, generate
 from sdpipe.sampling.files import pixels_to_source, to_pixels
-
-
-def judge_accuracy_on_real(data: Dataset, seed: int) -> float:
-    """5-fold cross-validated accuracy of the judge's classifier on real images: its own error rate."""
-    x = data.images.reshape(len(data.images), -1)
-    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
-    return float(cross_val_score(SVC(kernel="rbf", gamma="scale", C=10.0), x, data.labels, cv=folds).mean())
-
 
 # extra(pixels, requested labels) -> more metrics for the same samples (e.g. FID in a feature space)
 ExtraScores = Callable[[np.ndarray, np.ndarray | None], dict]
@@ -78,43 +69,60 @@ def sample_and_score(
     }
 
 
-def fit_judge(data: Dataset, cfg: EvaluateConfig) -> Judge:
-    return Judge.fit(data.images, data.labels, pca_components=cfg.pca_components, seed=cfg.seed)
+def fit_judge(train: Dataset, heldout: Dataset, cfg: EvaluateConfig) -> Judge:
+    """The judge for a model: fitted on its training part, comparing with its held-out part."""
+    labels = train.labels if train.class_names else None
+    return Judge.fit(
+        train.images, labels, heldout.images, value_range=train.value_range, pca_components=cfg.pca_components,
+        seed=cfg.seed,
+    )  # fmt: skip
+
+
+def score_sets(
+    model: LoadedModel,
+    judge: Judge,
+    spec: SampleSpec,
+    cfg: EvaluateConfig,
+    sets: int,
+    show_progress: bool = True,
+    extra: ExtraScores | None = None,
+) -> dict:
+    """`sample_and_score` on `sets` independent sets of `cfg.n_samples` (set k: seeds seed + k*n, ...), as
+    one row of means with their 95 % intervals (`sdpipe.evaluate.intervals.summarize`)."""
+    n = cfg.n_samples
+    rows = [sample_and_score(model, judge, spec, n, cfg.seed + k * n, show_progress, extra) for k in range(sets)]
+    return {**summarize(rows), "seeds": [cfg.seed + k * n for k in range(sets)]}
 
 
 def evaluate_model(
     model: LoadedModel,
-    data: Dataset,
+    train: Dataset,
+    heldout: Dataset,
     cfg: EvaluateConfig,
     spec: SampleSpec,
     show_progress: bool = True,
     extra: ExtraScores | None = None,
     judge: Judge | None = None,
 ) -> dict:
-    """Metrics for the default sampling settings plus a guidance sweep, and how the judge was built;
-    `extra` adds metrics of its own to every row."""
-    judge = judge or fit_judge(data, cfg)
-    default = sample_and_score(model, judge, spec, cfg.n_samples, cfg.seed, show_progress, extra)
+    """Metrics for the default sampling settings plus a guidance sweep, each over `cfg.sample_sets` sample
+    sets, and how the judge was built; `extra` adds metrics of its own to every row."""
+    judge = judge or fit_judge(train, heldout, cfg)
+    default = score_sets(model, judge, spec, cfg, cfg.sample_sets, show_progress, extra)
     sweep = [default]
     for g in cfg.guidance_scales:
         if g != spec.guidance:
             other = SampleSpec(spec.sampler, spec.steps, g, spec.micro_batch)
-            sweep.append(sample_and_score(model, judge, other, cfg.n_samples, cfg.seed, show_progress, extra))
+            sweep.append(score_sets(model, judge, other, cfg, cfg.sample_sets, show_progress, extra))
     sweep.sort(key=lambda r: r["guidance"])
     return {
         "default": default,
         "guidance_sweep": sweep,
         "judge": {
-            "classifier": "sklearn SVC(rbf, C=10) on real pixels",
-            "classifier_cv_accuracy_on_real": judge_accuracy_on_real(data, cfg.seed),
-            "features": f"PCA({cfg.pca_components}) fitted on the real images",
-            "fd_ratio_meaning": "Frechet distance to the real set / that of an equally large real subset",
-            # for scale, two ends: new real digits (what a model that generalizes perfectly would score) and
-            # random training images themselves (perfect memorization; min..max shows one set's spread)
-            "heldout_real_fd_ratio": Judge.heldout_real_ratio(
-                data.images, pca_components=cfg.pca_components, seed=cfg.seed
-            ),
-            "copied_training_images_fd_ratio": judge.copier_ratio(data.labels, cfg.n_samples),
-            "near_copy_rule": "L2 to the nearest training image < smallest L2 between two distinct training images",
+            **judge.describe(),
+            "training_split": train.dataset_id,
+            "heldout_split": heldout.dataset_id,
+            "classifier_accuracy_on_heldout": judge.heldout_accuracy(heldout.labels if heldout.class_names else None),
+            "intervals": f"mean and 95 % Student-t interval over {cfg.sample_sets} independent sets of "
+            f"{cfg.n_samples} samples",
         },
     }

@@ -17,7 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from sdpipe import __version__
 from sdpipe.data import to_source_range
-from sdpipe.models import LoadedModel, load_model
+from sdpipe.models import LoadedModel, load_model, weights_hash
 from sdpipe.progress import progress_bar
 from sdpipe.sampling.generate import SampleSpec, generate
 
@@ -157,9 +157,10 @@ def replay(png: str | Path, out: str | Path, model_path: str | Path | None = Non
     The model is the one the PNG names (or `model_path`); its weights must hash to the recorded value."""
     p = read_png_params(png)
     model = load_model(model_path or p["model_path"])
-    if model.meta.weights_hash != p["model_hash"]:
+    found = weights_hash(model.unet)  # the weights themselves, not what sdpipe.json says of them
+    if found != p["model_hash"]:
         raise ValueError(
-            f"model {model.path} has weights {model.meta.weights_hash}, the image was made with "
+            f"model {model.path} has weights {found}, the image was made with "
             f"{p['model_hash']}: pass the right model with --model"
         )
     spec = SampleSpec(p["sampler"], p["steps"], p["guidance"], p["micro_batch"])
