@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -32,7 +33,7 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     for key in ("fd_ratio", "label_accuracy", "near_copy_share", "frechet_distance", "images_per_s"):
         assert key in ev["default"]
     assert [r["guidance"] for r in ev["guidance_sweep"]] == [1.0, 2.0]
-    assert 0 < ev["judge"]["classifier_cv_accuracy_on_real"] <= 1
+    assert 0 < ev["judge"]["classifier_accuracy_on_heldout"] <= 1
     assert metrics["timings_s"]["total"] > 0
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 2  # loss curve and sample grid
@@ -136,3 +137,34 @@ def test_models_are_taken_by_registry_reference(tmp_path: Path, tiny_model_dir: 
     png = tmp_path / "tiny@production" / "00001.png"
     result = runner.invoke(app, ["replay", str(png), "--out", str(tmp_path / "r"), "--model", "tiny:1"])
     assert result.exit_code == 0, result.output
+
+
+USER_ERRORS = {
+    # each command, given something wrong by its user: exit 2 with one `error:` line, no traceback
+    "demo, data for train": (["demo", "--out", "{tmp}/d", "--set", "data.source=folder"], "embedded digits"),
+    "train, unvalidated data": (
+        ["train", "--out", "{tmp}/t", "--set", "data.source=folder", "--set", "data.path={tmp}"]
+        + ["--set", "data.validated_dir={tmp}/nowhere"],
+        "validate first",
+    ),
+    "train, bad setting": (["train", "--out", "{tmp}/t", "--set", "train.seed=-1"], "train.seed"),
+    "train --resume, no run": (["train", "--out", "{tmp}/none", "--resume"], "{tmp}/none"),
+    "generate, no model": (["generate", "--model", "{tmp}/none", "--out", "{tmp}/g"], "{tmp}/none"),
+    "replay, no image": (["replay", "{tmp}/none.png", "--out", "{tmp}/r"], "image not found: {tmp}/none.png"),
+    "evaluate, no model": (["evaluate", "--model", "{tmp}/none", "--out", "{tmp}/e"], "{tmp}/none"),
+    "evaluate, bad option": (["evaluate", "--model", "{tmp}/none", "--out", "{tmp}/e", "--steps", "x"], "--steps"),
+    "config, no file": (["config", "--config", "{tmp}/none.yaml"], "config file not found"),
+    "data validate, no source": (["data", "validate", "{tmp}/none", "--out", "{tmp}/v"], "{tmp}/none"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_user_errors_exit_2_with_one_error_line_in_every_command(tmp_path: Path, case: str) -> None:
+    args, needle = USER_ERRORS[case]
+    result = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output  # e.g. no stray "error: 2" after evaluate's message
+    assert needle.replace("{tmp}", str(tmp_path)) in result.output
+    assert "Traceback" not in result.output

@@ -102,3 +102,98 @@ def test_png_carries_parameters_and_replays_bitwise(tiny_model_dir: Path, tmp_pa
     Image.new("L", (8, 8)).save(tmp_path / "plain.png")
     result = CliRunner().invoke(app, ["replay", str(tmp_path / "plain.png"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "no sdpipe generation parameters" in result.output
+
+
+def _cli(*args: str):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from sdpipe.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize(
+    ("seed", "n", "message"),
+    [
+        ("-1", "1", "--seed -1: seeds are whole numbers from 0 to 4294967295"),  # was seed 4294967295's image
+        ("4294967296", "1", "--seed 4294967296: seeds are whole numbers from 0 to 4294967295"),
+        ("4294967294", "3", "past 4294967295"),  # its third image would take seed 2^32
+    ],
+)
+def test_seeds_outside_the_32_bit_range_are_refused(
+    tiny_model_dir: Path, tmp_path: Path, seed: str, n: str, message: str
+) -> None:
+    result = _cli("generate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--seed", seed, "--n", n)
+    assert result.exit_code == 2 and len(_error_lines(result.output)) == 1, result.output
+    assert message in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_largest_seed_is_taken(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = _cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(tmp_path),
+        "--seed",
+        "4294967295",
+        "--n",
+        "1",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "samples.jsonl").read_text())["seed"] == 2**32 - 1
+
+
+def test_out_must_be_a_new_or_empty_folder_or_overwritten(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = ["--model", str(tiny_model_dir), "--quiet"]
+    a_file = tmp_path / "picture.png"
+    a_file.write_bytes(b"not a folder")
+    result = _cli("generate", *model, "--out", str(a_file))
+    assert result.exit_code == 2 and len(_error_lines(result.output)) == 1, result.output  # was a traceback
+    assert str(a_file) in result.output and "is a file" in result.output
+
+    out = tmp_path / "out"
+    assert _cli("generate", *model, "--out", str(out), "--n", "3").exit_code == 0
+    again = _cli("generate", *model, "--out", str(out), "--n", "2", "--seed", "7")
+    assert again.exit_code == 2 and len(_error_lines(again.output)) == 1
+    assert str(out) in again.output and "--overwrite" in again.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]  # untouched
+
+    replaced = _cli("generate", *model, "--out", str(out), "--n", "2", "--seed", "7", "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    records = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in out.glob("*.png")) == [r["file"] for r in records] == ["00000.png", "00001.png"]
+    assert [r["seed"] for r in records] == [7, 8]
+
+    (out / "notes.txt").write_text("mine")
+    refused = _cli("generate", *model, "--out", str(out), "--overwrite")
+    assert refused.exit_code == 2 and "notes.txt" in refused.output and (out / "notes.txt").exists()
+    replay = _cli("replay", str(out / "00000.png"), "--out", str(out))
+    assert replay.exit_code == 2 and "--overwrite" in replay.output
+
+
+def test_replay_checks_the_weights_themselves(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """replay compared the PNG's hash with the one sdpipe.json records, so changed weights replayed silently."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdpipe.sampling.files import replay
+
+    m = load_model(tiny_model_dir)
+    generate_files(m, tmp_path / "a", label="all", n=1, seed=3, spec=SampleSpec("ddim", 2, 1.0, 8), show_progress=False)
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    first = sorted(state)[0]
+    state[first] = state[first] + 1.0
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="pass the right model with --model"):
+        replay(tmp_path / "a" / "00000.png", tmp_path / "r", copy)

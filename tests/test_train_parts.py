@@ -1,7 +1,9 @@
 """Training building blocks: loss weighting, timestep sampling, data order, determinism."""
 
 import math
+import warnings
 
+import pytest
 import torch
 
 from sdpipe.config import load_config
@@ -49,8 +51,9 @@ def test_uncertainty_weighting_starts_as_the_base_loss(tiny_config) -> None:  # 
     x0, noise = torch.randn(6, 1, 8, 8, generator=gen), torch.randn(6, 1, 8, 8, generator=gen)
     labels, sigma = torch.arange(6), torch.tensor([0.01, 0.1, 0.5, 1.0, 5.0, 50.0])
     base = EDMLoss()
-    weighted = UncertaintyWeighting(base)(unet, x0, labels, noise, sigma)
+    weighted, plain = UncertaintyWeighting(base)(unet, x0, labels, noise, sigma)
     torch.testing.assert_close(weighted, base(unet, x0, labels, noise, sigma))
+    torch.testing.assert_close(plain, weighted.detach())  # zero-initialized: objective and plain loss agree
     sched = noise_scheduler(load_config())  # a ddpm loss feeds it ln(sigma_t) / 4 the same way
     ddpm, t = DiffusionLoss(sched, "edm"), torch.tensor([1, 500, 999])
     abar = sched.alphas_cumprod[t]
@@ -75,7 +78,7 @@ def test_uncertainty_weighting_learns_each_noise_levels_expected_loss() -> None:
     gen = torch.Generator().manual_seed(0)
     for _ in range(1500):
         level = torch.rand(256, generator=gen) * 3 - 1.5
-        loss = weighting(None, None, None, None, level)  # type: ignore[arg-type]
+        loss, _ = weighting(None, None, None, None, level)  # type: ignore[arg-type]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -129,3 +132,80 @@ def test_checkpoints_are_complete_and_pruned(tmp_path) -> None:  # type: ignore[
     assert (root / "latest").read_text().strip() == "step_000000004"
     assert torch.equal(load_file(str(root / "step_000000004" / "optimizer.safetensors"))["0.exp_avg"], torch.zeros(2))
     assert not list(root.glob(".tmp_*"))
+
+
+def test_weight_tables_follow_the_timesteps_device() -> None:
+    """The min-SNR/EDM weight table is indexed on the device of the timesteps it is given (a GPU's, there;
+    here the "meta" device stands in for it, since a CPU table indexed with meta indices stays on the CPU)."""
+    sched = noise_scheduler(load_config())
+    t = torch.tensor([10, 500, 990], device="meta")
+    for weighting in ("min_snr", "edm", "uniform"):
+        assert DiffusionLoss(sched, weighting).weight(t).device == t.device, weighting
+    assert DiffusionLoss(sched, "edm").noise_feature(t).device == t.device
+
+
+def _state(cfg, device: str):  # type: ignore[no-untyped-def]
+    """A run's training state with every tensor on `device`, as the loop builds it after accelerate's prepare."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from sdpipe.train import make_objective
+    from sdpipe.train.state import TrainState
+    from sdpipe.train.validation import EarlyStopping
+
+    torch.manual_seed(0)
+    unet = build_unet(cfg.model, sample_size=8, channels=1, num_classes=10).to(device)
+    weighting = UncertaintyWeighting(make_objective(cfg)[0]).to(device)
+    params = list(unet.parameters())
+    fused = True if device in ("cpu", "cuda") else None  # as the loop builds it (meta: from the checkpoint)
+    optimizer = torch.optim.AdamW(params + list(weighting.parameters()), lr=1e-3, fused=fused)
+    lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=2)
+    gen = torch.Generator().manual_seed(0)
+    ema = EMAModel(params, foreach=True)
+    return TrainState(unet, ema, optimizer, lr_sched, gen, EpochSampler(20, 4, gen), EarlyStopping(), weighting)
+
+
+def test_restored_training_state_follows_the_models_device(tmp_path, tiny_config) -> None:  # type: ignore[no-untyped-def]
+    """Resume and rollback put EMA shadows, optimizer state and the learned loss weighting on the model's
+    device: restored onto the "meta" device (a stand-in for a GPU), every restored tensor is there."""
+    from sdpipe.train.checkpoint import load_checkpoint
+
+    cpu = _state(tiny_config, "cpu")
+    for p in cpu.optimizer.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    cpu.optimizer.step()  # so there is optimizer state to restore
+    path = cpu.save(tmp_path, 1, tiny_config.model_dump(mode="json"))
+
+    meta = _state(tiny_config, "meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op": as meant here
+        meta.restore(load_checkpoint(path))
+    assert meta.weighting is not None
+    restored = {
+        "model": list(meta.unet.state_dict().values()),
+        "ema": meta.ema.shadow_params,
+        "optimizer": [v for s in meta.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)],
+        "loss weighting": list(meta.weighting.state_dict().values()),
+    }
+    assert restored["optimizer"]
+    for part, tensors in restored.items():
+        assert all(t.device.type == "meta" for t in tensors), part
+
+
+def test_step_rows_log_the_plain_denoising_loss_beside_the_objective(tmp_path, tiny_config) -> None:  # type: ignore[no-untyped-def]
+    """With the learned uncertainty weighting the objective is loss / exp(u) + u (it goes negative); every step
+    row, in metrics.jsonl and as given to `progress`, carries the plain loss as `denoising_loss` too."""
+    import json
+
+    from sdpipe.data import open_split
+    from sdpipe.train import train
+
+    assert tiny_config.train.uncertainty_weighting
+    cfg = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"steps": 4})})
+    seen: list[dict] = []
+    result = train(cfg, open_split(cfg.data), tmp_path, progress=lambda step, row: seen.append(row))
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert seen == result.history == logged
+    assert all(math.isfinite(r["denoising_loss"]) and r["denoising_loss"] > 0 for r in seen)
+    assert seen[0]["denoising_loss"] == pytest.approx(seen[0]["loss"])  # u starts at 0: the same
+    assert seen[-1]["denoising_loss"] != pytest.approx(seen[-1]["loss"])  # once u is learned, not the same

@@ -66,7 +66,7 @@ def test_train_on_an_image_folder(tmp_path: Path) -> None:
     changed = src / "dark" / "03.png"
     Image.fromarray(np.zeros((12, 12), np.uint8), "L").save(changed)
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "run2"), "--quiet", *sets])
-    assert res.exit_code == 1 and "03.png" in res.output, res.output
+    assert res.exit_code == 2 and "03.png" in res.output, res.output
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "run2"), "--quiet", "--revalidate", *sets])
     assert res.exit_code == 0, res.output
     new_id = json.loads((tmp_path / "run2" / "model" / "sdpipe.json").read_text())["dataset_id"]

@@ -1,15 +1,29 @@
-"""`sdpipe` command line: a thin typer layer over the stage functions (which the tests call directly)."""
+"""`sdpipe` command line: a thin typer layer over the stage functions (which the tests call directly).
+
+Every user error (bad input, a bad setting, a missing file, a folder that cannot be used as asked) stops the
+command with one `error: ...` line on stderr and exit status 2, before any work where it can be seen then.
+A training run stopped by SIGINT/SIGTERM exits 130/143 after a checkpoint, printing how to resume it.
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
-from sdpipe.config import ConfigError, PipelineConfig, load_config
+from sdpipe.config import MAX_SEED, PipelineConfig, load_config
+
+if TYPE_CHECKING:
+    from sdpipe.models import LoadedModel
+    from sdpipe.sampling import SampleSpec
+    from sdpipe.train import TrainingInterrupted
 
 app = typer.Typer(
     help="sdpipe: from a pile of data to a trained, evaluated diffusion model.",
@@ -18,7 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out_console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (default: built-in defaults).")
@@ -29,18 +43,56 @@ SetOpt = Annotated[
 ]
 MODEL_HELP = "Model directory, or a registry reference: NAME, NAME@ALIAS (e.g. digits@production) or NAME:VERSION."
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+RunOverwriteOpt = Annotated[
+    bool, typer.Option(help="Remove the run already in OUT (checkpoints, metrics, model, report) before training.")
+]
+ImagesOverwriteOpt = Annotated[bool, typer.Option(help="Remove the PNGs and samples.jsonl already in OUT first.")]
+# what a user can get wrong: a bad value or setting (ConfigError, DataError, RegistryError are ValueErrors),
+# a missing or unusable file or folder (OSError)
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
-def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
+@contextmanager
+def _user_errors(*more: type[Exception]) -> Iterator[None]:
+    """Turn a user error raised inside into one `error:` line and exit 2 (typer's own exits pass through:
+    click's Exit is a RuntimeError, which `evaluate` counts among its user errors)."""
     try:
-        return load_config(config, overrides)
-    except ConfigError as exc:
+        yield
+    except typer.Exit:
+        raise
+    except (*USER_ERRORS, *more) as exc:
         raise _fail(str(exc)) from None
+
+
+def _config(config: Path | None, overrides: list[str] | None, base: dict | None = None) -> PipelineConfig:
+    with _user_errors():
+        return load_config(config, overrides, base=base)
+
+
+@contextmanager
+def _training() -> Iterator[None]:
+    """A run stopped by a signal: where it stopped and how to resume (exit 128 + signal); diverged: exit 1."""
+    from sdpipe.train import TrainingInterrupted
+
+    try:
+        yield
+    except TrainingInterrupted as exc:
+        raise _interrupted(exc) from None
+    except FloatingPointError as exc:  # the run diverged past what rollbacks could mend
+        raise _fail(str(exc), 1) from None
+
+
+def _interrupted(exc: TrainingInterrupted) -> typer.Exit:
+    if os.environ.get("RANK", "0") == "0":  # one process says it
+        command = f"sdpipe train --out {shlex.quote(str(exc.run_dir))} --resume"
+        err_console.print(f"interrupted: {exc}", markup=False, highlight=False)
+        err_console.print(f"resume with: {command}", markup=False, highlight=False)
+    return typer.Exit(exc.exit_code)
 
 
 @app.command()
@@ -48,89 +100,128 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    overwrite: RunOverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the whole pipeline on sklearn's digits: train, save, sample, evaluate, report (~5 min on 2 CPUs)."""
-    from sdpipe.pipeline import DataError, run_demo
+    from sdpipe.pipeline import run_demo
+    from sdpipe.train.run_dir import claim_run_dir
 
     cfg = _config(config, set_)
-    try:
+    with _user_errors(), _training():
+        claim_run_dir(out, resume=False, overwrite=overwrite, resumable=False)  # the demo has no --resume
         result = run_demo(cfg, out, show_progress=not quiet)
-    except DataError as exc:
-        raise _fail(str(exc), 1) from None
     _print_summary(result.metrics, out)
+
+
+def _check_seeds(seed: int, n: int) -> None:
+    """Seeds are 0..MAX_SEED, as the server and the config take them: none may wrap around."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed {seed}: seeds are whole numbers from 0 to {MAX_SEED}")
+    if seed + max(n, 1) - 1 > MAX_SEED:
+        raise ValueError(f"--seed {seed} --n {n}: image i takes seed {seed}+i, past {MAX_SEED}; lower --seed or --n")
+
+
+def _images_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to write images into a file or among earlier ones (samples.jsonl would list only the new);
+    with `overwrite`, remove the earlier images and samples.jsonl, and refuse a folder holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder (a new or an empty one)")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite:
+        raise ValueError(f"--out {out} is not empty: choose a new folder, or pass --overwrite to clear it first")
+    ours = [p for p in entries if p.is_file() and (p.suffix == ".png" or p.name == "samples.jsonl")]
+    others = [p.name for p in entries if p not in ours]
+    if others:
+        raise ValueError(
+            f"--overwrite clears only PNGs and samples.jsonl, and {out} holds {', '.join(others[:3])}"
+            f"{' ...' if len(others) > 3 else ''} as well: choose a new folder"
+        )
+    for path in ours:
+        path.unlink()
 
 
 @app.command()
 def generate(
     model: Annotated[str, typer.Option(help=MODEL_HELP)],
-    out: Annotated[Path, typer.Option(help="Folder for the PNGs and samples.jsonl.")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs and samples.jsonl (new or empty).")],
     label: Annotated[str, typer.Option(help="Class to draw (e.g. 0..9), or 'all' to cycle through classes.")] = "all",
     n: Annotated[int, typer.Option(help="Number of images.")] = 10,
-    seed: Annotated[int, typer.Option(help="Image i uses seed S+i: same seed, same image.")] = 0,
+    seed: Annotated[int, typer.Option(help=f"Image i uses seed S+i (0..{MAX_SEED}): same seed, same image.")] = 0,
     steps: Annotated[int | None, typer.Option(help="Sampling steps (default: the model's sample.steps).")] = None,
     sampler: Annotated[
         str | None, typer.Option(help="ddpm, ddim, euler, heun, dpmpp_2m, dpmpp_2m_karras, unipc.")
     ] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale; 1 = none.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images held in memory at once; never changes an image.")] = 1000,
+    overwrite: ImagesOverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate images from a saved model: OUT/00000.png, ... and OUT/samples.jsonl."""
     from sdpipe.sampling.files import generate_files
 
-    loaded = _load(model)
-    spec = _spec(loaded, steps, sampler, guidance)
-    try:
+    with _user_errors():
+        _check_seeds(seed, n)
+        _images_folder(out, overwrite)
+        loaded = _load(model)
+        spec = _spec(loaded, steps, sampler, guidance)
         records = generate_files(
             loaded, out, label=label, n=n, seed=seed, spec=spec, batch_size=batch_size, show_progress=not quiet
         )
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
     out_console.print(f"wrote {len(records)} images and samples.jsonl to {out}")
 
 
 @app.command()
 def replay(
     image: Annotated[Path, typer.Argument(help="A PNG written by sdpipe generate.")],
-    out: Annotated[Path, typer.Option(help="Folder for the regenerated image.")],
+    out: Annotated[Path, typer.Option(help="Folder for the regenerated image (new or empty).")],
     model: Annotated[
         str | None, typer.Option(help="Model directory or registry reference, if not the one it names.")
     ] = None,
+    overwrite: ImagesOverwriteOpt = False,
 ) -> None:
     """Regenerate an image bit for bit from the generation parameters stored in its PNG."""
     from sdpipe.sampling.files import replay as replay_image
 
-    try:
-        path = replay_image(image, out, _resolve(model) if model else None)
-    except (FileNotFoundError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    with _user_errors():
+        if not image.is_file():
+            raise FileNotFoundError(f"image not found: {image}")
+        _images_folder(out, overwrite)
+        model_dir = None if model is None else _load(model).path  # a registry version's weights hash is checked
+        path = replay_image(image, out, model_dir)
     out_console.print(f"regenerated {image} as {path}")
 
 
 @app.command()
 def train(
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, metrics.jsonl, model/.")],
+    out: Annotated[Path, typer.Option(help="Run folder: config.yaml, checkpoints/, metrics.jsonl, model/.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[
-        bool, typer.Option(help="Continue from OUT's last checkpoint, ending with the uninterrupted run's weights.")
+        bool,
+        typer.Option(
+            help="Continue the run in OUT from its last checkpoint, with its saved config (--set on top), "
+            "ending with the uninterrupted run's weights."
+        ),
     ] = False,
+    overwrite: RunOverwriteOpt = False,
     revalidate: Annotated[
         bool, typer.Option(help="Validate data.path into data.validated_dir again first (when the source changed).")
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model from a config and save it to OUT/model (checkpoints in OUT/checkpoints)."""
-    from sdpipe.pipeline import DataError, train_model
+    from sdpipe.pipeline import train_model
+    from sdpipe.train.run_dir import claim_run_dir, saved_run_config
 
-    cfg = _config(config, set_)
-    try:
+    with _user_errors(), _training():
+        if resume:
+            claim_run_dir(out, resume=True, overwrite=overwrite)  # the folder must hold a run
+        saved = saved_run_config(out) if resume and config is None else None
+        cfg = _config(config, set_, base=saved)  # checked before --overwrite removes anything
+        if not resume:
+            claim_run_dir(out, resume=False, overwrite=overwrite)
         trained = train_model(cfg, out, show_progress=not quiet, resume=resume, revalidate=revalidate)
-    except DataError as exc:
-        raise _fail(str(exc), 1) from None
-    except ValueError as exc:  # e.g. resuming with other settings than the run's
-        raise _fail(str(exc)) from None
     out_console.print(f"model saved to {trained.model.path}")
 
 
@@ -155,11 +246,11 @@ def evaluate(
     """Evaluate a saved model: FID/KID/precision/recall, per-class accuracy, memorization, quality vs steps."""
     from sdpipe.evaluate.command import check_sweep, evaluate_saved_model, parse_list
 
-    try:
+    with _user_errors(RuntimeError):  # evaluate's errors: a wrong Inception file is a RuntimeError too
         names = None if samplers is None else parse_list(samplers, "--samplers")
         counts = check_sweep(names or [], parse_list(steps, "--steps"))
         metrics = evaluate_saved_model(
-            _resolve(model),
+            _load(model),  # a registry version's weights hash is checked
             out,
             n=n,
             data_source=data,
@@ -168,10 +259,8 @@ def evaluate(
             steps=counts,
             show_progress=not quiet,
         )
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise _fail(str(exc)) from None
     for warning in metrics.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/] {warning}")
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
     d = metrics["evaluation"]["default"]
     out_console.print(
         f"FID {d['fid']:.4g}, KID {d['kid_mean']:.3g} ± {d['kid_std']:.2g}, precision {d['precision']:.3f}, "
@@ -189,57 +278,27 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     out_console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
 
 
-def _load(ref: str):
+def _load(ref: str) -> LoadedModel:
     """A model from a folder or a registry reference; a registry version's weights hash is checked."""
     from sdpipe.registry import load
 
-    try:
-        return load(ref)
-    except (FileNotFoundError, ValueError) as exc:  # RegistryError is a ValueError
-        raise _fail(str(exc)) from None
+    return load(ref)
 
 
-def _resolve(ref: str) -> Path:
-    from sdpipe.registry import resolve
-
-    try:
-        return resolve(ref)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _spec(loaded, steps: int | None, sampler: str | None, guidance: float | None):
+def _spec(loaded: LoadedModel, steps: int | None, sampler: str | None, guidance: float | None) -> SampleSpec:
     """The model's own sampling settings (its measured best), with the options given on the command line."""
     from sdpipe.sampling.generate import model_sample_spec
 
-    try:
-        return model_sample_spec(loaded.meta.config, loaded.scheduler_config, steps, sampler, guidance)
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
+    return model_sample_spec(loaded.meta.config, loaded.scheduler_config, steps, sampler, guidance)
 
 
 def _print_summary(metrics: dict, out: Path) -> None:
-    table = Table(title=f"sdpipe results ({out})")
-    for col in ("sampler", "steps", "guidance", "FD ratio", "accuracy", "copies", "img/s"):
-        table.add_column(col, justify="right")
-    for r in metrics["evaluation"]["guidance_sweep"]:
-        table.add_row(
-            r["sampler"],
-            str(r["steps"]),
-            f"{r['guidance']:g}",
-            f"{r['fd_ratio']:.3f}",
-            f"{r.get('label_accuracy', float('nan')):.1%}",
-            f"{r['near_copy_share']:.1%}",
-            f"{r['images_per_s']:.0f}",
-        )
-    out_console.print(table)
-    judge = metrics["evaluation"].get("judge", {})
-    if "copied_training_images_fd_ratio" in judge and "heldout_real_fd_ratio" in judge:
-        copies = judge["copied_training_images_fd_ratio"]
-        out_console.print(
-            f"FD ratio for scale: random training images themselves {copies['mean']:.2f} (one set: "
-            f"{copies['min']:.2f}-{copies['max']:.2f}), new real images {judge['heldout_real_fd_ratio']:.2f}"
-        )
+    from sdpipe.evaluate.summary import judge_table, scale_line
+
+    out_console.print(judge_table(metrics, f"sdpipe results ({out})"))
+    scale = scale_line(metrics)
+    if scale:
+        out_console.print(scale)
     if "timings_s" in metrics:
         out_console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["timings_s"].items()))
     out_console.print(

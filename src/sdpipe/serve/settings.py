@@ -10,9 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sdpipe.config import ConfigError, parse_override
-
-MAX_SEED = 2**32 - 1  # seeds stay exact in JavaScript numbers and in every torch generator
+from sdpipe.config import MAX_SEED, ConfigError, parse_override  # noqa: F401  (MAX_SEED: one bound everywhere)
 
 
 class ServeSettings(BaseModel):

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdpipe.models.format import set_modes
+
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
@@ -69,6 +71,7 @@ def save_checkpoint(
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_rest, **state}, indent=1))
     if final.exists():
         shutil.rmtree(final)
+    set_modes(tmp, 0o777, 0o666)  # mkdtemp makes 0700; a checkpoint gets the usual modes, less the umask
     os.replace(tmp, final)
     for name in ("latest", "best") if best else ("latest",):
         pointer = root / f".{name}.tmp"

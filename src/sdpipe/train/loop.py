@@ -9,17 +9,16 @@ two runs of the same config on the same machine and thread count give bitwise id
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.optimization import get_scheduler
@@ -28,11 +27,17 @@ from diffusers.training_utils import EMAModel
 from sdpipe.config import PipelineConfig, TrainConfig
 from sdpipe.data import ImageSet
 from sdpipe.models import build_unet
-from sdpipe.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from sdpipe.train.checkpoint import latest_checkpoint, load_checkpoint
+from sdpipe.train.interrupt import StopSignals, TrainingInterrupted
 from sdpipe.train.losses import UncertaintyWeighting
+from sdpipe.train.metrics import MetricsLog, event_rows, read_metrics, rows_up_to
 from sdpipe.train.recipe import Loss, make_objective, time_embedding_max_frequency
+from sdpipe.train.run_dir import check_new_run, check_same_training, write_run_config
+from sdpipe.train.state import EpochSampler, TrainState, apply_rollbacks, roll_back
 from sdpipe.train.trackers import accelerator_tracking, finish_trackers, start_trackers
 from sdpipe.train.validation import EarlyStopping, validation_loss
+
+__all__ = ["EpochSampler", "TrainResult", "TrainingInterrupted", "train"]
 
 T = TypeVar("T")
 
@@ -51,26 +56,6 @@ class TrainResult:
     stopped_early: bool = False
 
 
-class EpochSampler:
-    """Batches of indices from a fresh permutation each epoch, drawn from the run's generator."""
-
-    def __init__(self, n: int, batch_size: int, gen: torch.Generator) -> None:
-        self.n, self.batch_size, self.gen = n, batch_size, gen
-        self.order = torch.randperm(n, generator=gen)
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        parts, need = [], self.batch_size
-        while need:
-            if self.pos == self.n:
-                self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
-            take = self.order[self.pos : self.pos + need]
-            parts.append(take)
-            self.pos += len(take)
-            need -= len(take)
-        return torch.cat(parts)
-
-
 def train(
     cfg: PipelineConfig,
     data: ImageSet,
@@ -80,16 +65,20 @@ def train(
     validation: ImageSet | None = None,
     evaluator: Callable[[UNet2DModel], dict] | None = None,
 ) -> TrainResult:
-    """Train a model on `data` as `cfg` says; writes checkpoints and `metrics.jsonl` under `run_dir`.
+    """Train a model on `data` as `cfg` says; writes RUN/config.yaml, checkpoints and `metrics.jsonl`.
 
-    With `resume`, training continues from the run's last complete checkpoint (if it has one) with every
+    A new run (not `resume`) refuses a folder holding another run's files (`sdpipe.train.run_dir`). With
+    `resume`, training continues from the run's last complete checkpoint (if it has one) with every
     state restored, so it ends with the weights an uninterrupted run would have had (same machine and
     thread count). With `validation` data and `train.validate_every`, the validation loss of the EMA weights
     is logged, the best validation's checkpoint is kept, training may stop early, and the returned model is
     the best one. With an `evaluator` and `train.eval_every`, it is called on the EMA weights (in eval mode)
-    every that many steps and its numbers are logged as `evaluation` events."""
+    every that many steps and its numbers are logged as `evaluation` events. SIGINT or SIGTERM stops the run
+    at the next step boundary with a checkpoint, raising `TrainingInterrupted`."""
     t_cfg = cfg.train
     run_dir = Path(run_dir)
+    if not resume:
+        check_new_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if t_cfg.threads:
         torch.set_num_threads(t_cfg.threads)
@@ -146,27 +135,17 @@ def train(
     validate = _validator(cfg, validation, loss_fn, accelerator.unwrap_model(unet), ema)
     stopper = EarlyStopping(t_cfg.early_stopping_patience)
     config = cfg.model_dump(mode="json")
-    metrics_path = run_dir / "metrics.jsonl"
-    history: list[dict] = []
-    events: list[dict] = []
-    first_step = 1
-    state = _TrainState(accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches, stopper, weighting)
-    found = latest_checkpoint(run_dir) if resume else None
-    if found is not None:
-        ck = load_checkpoint(found)
-        _check_same_config(ck.state.get("config", {}), config, found)
-        first_step = state.restore(ck) + 1
-        if metrics_path.exists():  # keep the rows up to the checkpoint, drop those of the lost steps
-            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if r["step"] <= ck.step]
-            history = [r for r in rows if "event" not in r]
-            events = [r for r in rows if "event" in r]
+    state = TrainState(accelerator.unwrap_model(unet), ema, optimizer, lr_sched, gen, batches, stopper, weighting)
+    first_step, rows = _resume(run_dir, config, state, t_cfg) if resume else (1, [])
+    accelerator.wait_for_everyone()  # every process has checked and read the folder before one writes to it
+    if accelerator.is_main_process:
+        write_run_config(run_dir, config)
     start_trackers(accelerator, config)
     bad_in_a_row = 0
     start = time.perf_counter()
     # only the main process writes files; the others log to nowhere
-    with metrics_path.open("w") if accelerator.is_main_process else open(os.devnull, "w") as log:
-        log.writelines(json.dumps(r) + "\n" for r in history + events)
+    with StopSignals() as stop, _metrics_file(run_dir, accelerator.is_main_process) as file:
+        log = MetricsLog(file, rows)
         step = first_step
         while step <= t_cfg.steps and not stopper.should_stop:
             # every process draws the same global batch and trains on its own slice of it, so N processes
@@ -180,26 +159,24 @@ def train(
             dropped, noise, t = (v[rank::world] for v in (dropped, noise, t))
             x0, noise, t = x0.to(accelerator.device), noise.to(accelerator.device), t.to(accelerator.device)
             labels = None if num_classes is None else y.masked_fill(dropped, num_classes).to(x0.device)
-            loss = objective(unet, x0, labels, noise, t)
+            loss, plain = _losses(objective, unet, x0, labels, noise, t)
             if NONFINITE_HOOK is not None and NONFINITE_HOOK(step):
                 loss = loss * float("nan")
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(trained_params, t_cfg.grad_clip)
-            loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's loss, the same on every process
+            # the global batch's losses, the same on every process
+            loss, plain = (accelerator.reduce(v.detach(), "mean") for v in (loss, plain))
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 # NaN/Inf policy: skip the step (it is not counted as an optimizer step); after
                 # train.max_bad_steps in a row, roll back to the last checkpoint with a lower learning rate
                 optimizer.zero_grad(set_to_none=True)
                 bad_in_a_row += 1
-                event = {"step": step, "event": "nonfinite_step_skipped", "consecutive": bad_in_a_row}
-                if bad_in_a_row >= t_cfg.max_bad_steps:
-                    step = _roll_back(run_dir, t_cfg, events, state)
-                    history = [r for r in history if r["step"] < step]
-                    bad_in_a_row = 0
-                    event = events[-1]
-                else:
-                    events.append(event)
-                log.write(json.dumps(event) + "\n")
+                if bad_in_a_row < t_cfg.max_bad_steps:
+                    log.add({"step": step, "event": "nonfinite_step_skipped", "consecutive": bad_in_a_row})
+                    continue
+                event = roll_back(run_dir, t_cfg, log.events, state)
+                log.roll_back(event)
+                step, bad_in_a_row = event["to_step"] + 1, 0
                 continue
             bad_in_a_row = 0
             optimizer.step()
@@ -210,36 +187,36 @@ def train(
             row = {
                 "step": step,
                 "loss": loss.item(),
+                "denoising_loss": plain.item(),
                 "lr": lr_sched.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "samples_per_s": (step - first_step + 1) * t_cfg.batch_size / elapsed,
                 "elapsed_s": elapsed,
             }
-            history.append(row)
-            log.write(json.dumps(row) + "\n")
+            log.add(row)
             accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
             is_best = False
             if validate is not None and step % (t_cfg.validate_every or 1) == 0:
                 value = validate()
                 is_best = stopper.update(step, value)
-                event = {"step": step, "event": "validation", "val_loss": value, "best": is_best}
-                events.append(event)
-                log.write(json.dumps(event) + "\n")
+                log.add({"step": step, "event": "validation", "val_loss": value, "best": is_best})
                 accelerator.log({"val_loss": value}, step=step)
             if evaluator is not None and t_cfg.eval_every and step % t_cfg.eval_every == 0:
                 scores = _with_ema(accelerator.unwrap_model(unet), ema, evaluator)
-                event = {"step": step, "event": "evaluation", **scores}
-                events.append(event)
-                log.write(json.dumps(event) + "\n")
+                log.add({"step": step, "event": "evaluation", **scores})
                 accelerator.log(scores, step=step)
             checkpoint_due = step % t_cfg.checkpoint_every == 0 or step == t_cfg.steps or is_best
+            saved = None
             if accelerator.is_main_process and (checkpoint_due or stopper.should_stop):
-                log.flush()
-                state.save(run_dir, step, config, best=is_best)
+                file.flush()
+                saved = state.save(run_dir, step, config, best=is_best)
             if step % t_cfg.checkpoint_every == 0 or is_best:
                 accelerator.wait_for_everyone()  # no process rolls back to a checkpoint still being written
             if progress is not None:
                 progress(step, row)
+            signum = _stop_signal(stop, accelerator)
+            if signum is not None:
+                raise _interrupted(signum, step, t_cfg, run_dir, saved, state, config, accelerator, file)
             step += 1
     accelerator.wait_for_everyone()
     finish_trackers(accelerator)
@@ -251,6 +228,7 @@ def train(
     else:
         ema.copy_to(final.parameters())
     final.eval().requires_grad_(False)
+    history = log.history
     if not all(math.isfinite(r["loss"]) for r in history[-10:]):
         raise FloatingPointError("training diverged: the last losses are not finite; lower train.learning_rate")
     trained = (step - first_step) * t_cfg.batch_size
@@ -259,10 +237,65 @@ def train(
         history,
         seconds,
         trained / seconds if seconds > 0 else 0.0,
-        events,
+        log.events,
         best_step=stopper.best_step if best is not None else None,
         stopped_early=stopper.should_stop,
     )
+
+
+def _resume(run_dir: Path, config: dict, state: TrainState, t_cfg: TrainConfig) -> tuple[int, list[dict]]:
+    """Restore the run's last checkpoint, if it has one, at the rate its recorded rollbacks leave; returns the
+    step to continue from and the metrics rows that count up to the checkpoint (those of lost steps go)."""
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        return 1, []
+    ck = load_checkpoint(found)
+    check_same_training(ck.state.get("config", {}), config, found)
+    step = state.restore(ck)
+    rows = rows_up_to(read_metrics(run_dir / "metrics.jsonl"), step)
+    apply_rollbacks(state, t_cfg, event_rows(rows), step)
+    return step + 1, rows
+
+
+def _metrics_file(run_dir: Path, main: bool) -> IO[str]:
+    return (run_dir / "metrics.jsonl").open("w") if main else open(os.devnull, "w")
+
+
+def _losses(
+    objective: Any, unet: Any, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective to minimize and the plain denoising loss (the same, unless the loss learns weights)."""
+    out = objective(unet, x0, labels, noise, t)
+    return out if isinstance(out, tuple) else (out, out.detach())
+
+
+def _stop_signal(stop: StopSignals, accelerator: Accelerator) -> int | None:
+    """The signal that asks the run to stop, agreed by all processes (each may have got it a step apart)."""
+    if accelerator.num_processes == 1:
+        return stop.signum
+    flag = torch.tensor([stop.signum or 0], device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+def _interrupted(
+    signum: int,
+    step: int,
+    t_cfg: TrainConfig,
+    run_dir: Path,
+    saved: Path | None,
+    state: TrainState,
+    config: dict,
+    accelerator: Accelerator,
+    file: IO[str],
+) -> TrainingInterrupted:
+    """Checkpoint `step` (unless it just was) and say where the run stopped."""
+    if accelerator.is_main_process and saved is None:
+        file.flush()
+        saved = state.save(run_dir, step, config)
+    accelerator.wait_for_everyone()
+    finish_trackers(accelerator)
+    return TrainingInterrupted(signum, step, t_cfg.steps, run_dir, saved)
 
 
 def _validator(
@@ -297,97 +330,3 @@ def _with_ema(unet: UNet2DModel, ema: EMAModel, fn: Callable[[UNet2DModel], T]) 
     finally:
         unet.train(was_training)
         ema.restore(unet.parameters())
-
-
-@dataclass
-class _TrainState:
-    """Everything a checkpoint holds about a run in progress (besides its config)."""
-
-    unet: UNet2DModel  # unwrapped from any DDP wrapper
-    ema: EMAModel
-    optimizer: torch.optim.Optimizer
-    lr_sched: torch.optim.lr_scheduler.LambdaLR
-    gen: torch.Generator
-    batches: EpochSampler
-    stopper: EarlyStopping
-    weighting: UncertaintyWeighting | None = None
-
-    def save(self, run_dir: Path, step: int, config: dict, best: bool = False) -> None:
-        names = [n for n, _ in self.unet.named_parameters()]
-        save_checkpoint(
-            run_dir,
-            step,
-            model=self.unet.state_dict(),
-            ema=dict(zip(names, self.ema.shadow_params, strict=True)),
-            optimizer=self.optimizer.state_dict(),
-            rng={"generator": self.gen.get_state(), "torch": torch.get_rng_state(), "order": self.batches.order},
-            state={
-                "data_position": self.batches.pos,
-                "ema_optimization_step": self.ema.optimization_step,
-                "lr_scheduler": self.lr_sched.state_dict(),
-                "early_stopping": dataclasses.asdict(self.stopper),
-                "config": config,
-            },
-            loss_weighting=None if self.weighting is None else self.weighting.state_dict(),
-            keep=config["train"]["keep_checkpoints"],
-            best=best,
-        )
-
-    def restore(self, ck: Checkpoint) -> int:
-        """Put every piece of training state back as the checkpoint holds it; returns its step."""
-        self.unet.load_state_dict(ck.model)
-        if self.weighting is not None:
-            self.weighting.load_state_dict(ck.loss_weighting)
-        self.ema.shadow_params = [ck.ema[n].clone() for n, _ in self.unet.named_parameters()]
-        self.ema.optimization_step = ck.state["ema_optimization_step"]
-        self.optimizer.load_state_dict(ck.optimizer)
-        self.lr_sched.load_state_dict(ck.state["lr_scheduler"])
-        self.gen.set_state(ck.rng["generator"])
-        torch.set_rng_state(ck.rng["torch"])
-        self.batches.order, self.batches.pos = ck.rng["order"], ck.state["data_position"]
-        for key, value in ck.state.get("early_stopping", {}).items():
-            setattr(self.stopper, key, value)
-        return ck.step
-
-
-def _roll_back(run_dir: Path, t_cfg: TrainConfig, events: list[dict], state: _TrainState) -> int:
-    """Restore the last good checkpoint and scale the learning rate by train.rollback_lr_factor; returns
-    the step to continue from. Gives up with a clear error when there is nothing (left) to roll back to."""
-    rollbacks = sum(e["event"] == "rollback" for e in events)
-    path = latest_checkpoint(run_dir)
-    if path is None or rollbacks >= t_cfg.max_rollbacks:
-        why = "no checkpoint to roll back to" if path is None else f"{rollbacks} rollbacks did not help"
-        raise FloatingPointError(
-            f"training diverged: {t_cfg.max_bad_steps} non-finite steps in a row and {why}; "
-            "lower train.learning_rate or checkpoint more often (train.checkpoint_every)"
-        )
-    step = state.restore(load_checkpoint(path))
-    lr_sched = state.lr_sched
-    lr_sched.base_lrs = [lr * t_cfg.rollback_lr_factor for lr in lr_sched.base_lrs]
-    for group, base, factor in zip(state.optimizer.param_groups, lr_sched.base_lrs, lr_sched.lr_lambdas, strict=True):
-        group["lr"] = base * factor(lr_sched.last_epoch)
-    events.append(
-        {"step": step, "event": "rollback", "to_step": step, "lr_scale": lr_sched.base_lrs[0] / t_cfg.learning_rate}
-    )
-    return step + 1
-
-
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key} ({a!r} -> {b!r})")
-    return out
-
-
-def _check_same_config(saved: dict, current: dict, where: Path) -> None:
-    """Resuming with other settings would not give the run's weights: name what differs and stop."""
-    differ = _differences(saved, current)
-    if differ:
-        raise ValueError(
-            f"cannot resume from {where}: settings differ: {', '.join(differ)}; "
-            "resume with the run's own config or start a new run"
-        )

@@ -59,7 +59,7 @@ class DiffusionLoss:
         """Per-sample loss weight for the chosen target."""
         if self.weighting == "uniform":
             return torch.ones_like(t, dtype=torch.float32)
-        snr = self.snr[t]
+        snr = self.snr.to(t.device)[t]  # the table follows the timesteps' device
         w_x0 = snr.clamp(max=self.gamma) if self.weighting == "min_snr" else snr + 1 / self.sigma_data**2
         if self.prediction_type == "epsilon":  # ||x0 error||^2 = ||eps error||^2 / SNR
             return w_x0 / snr
@@ -143,7 +143,8 @@ class UncertaintyWeighting(nn.Module):
     Diffusion Models", sec. 5, eq. 21): a sample's loss L at noise level sigma becomes L / exp(u) + u, where
     u(sigma) is a learned log-variance, a linear map of fixed random Fourier features of c_noise. Minimizing it
     drives exp(u(sigma)) to the expected loss at sigma, so every noise level weighs about equally in the
-    gradient however hard it is. Zero-initialized, it starts out as the base loss."""
+    gradient however hard it is. Zero-initialized, it starts out as the base loss. A call returns the
+    objective and, for logging, the plain (unweighted) base loss."""
 
     freqs: torch.Tensor
     phases: torch.Tensor
@@ -164,6 +165,7 @@ class UncertaintyWeighting(nn.Module):
 
     def forward(
         self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, level: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         u = self.log_variance(level)
-        return (self.base.per_sample(unet, x0, labels, noise, level) / u.exp() + u).mean()
+        plain = self.base.per_sample(unet, x0, labels, noise, level)
+        return (plain / u.exp() + u).mean(), plain.detach().mean()
