@@ -41,7 +41,7 @@ databases:
 	  mariadb -uroot -e "$(MY_USER)" || echo "note: no MariaDB user for the tests"; fi
 
 demo: setup
-	$(BIN)/sdpipe demo --out runs/demo
+	$(BIN)/sdpipe demo --out runs/demo --overwrite
 
 test: setup browser databases
 	$(BIN)/ruff check src tests bench

@@ -295,7 +295,7 @@ def _spec(loaded: LoadedModel, steps: int | None, sampler: str | None, guidance:
 def _print_summary(metrics: dict, out: Path) -> None:
     from sdpipe.evaluate.summary import judge_table, scale_line
 
-    out_console.print(judge_table(metrics, f"sdpipe results ({out})"))
+    out_console.print(judge_table(metrics, f"sdpipe results ({out})"), highlight=False)
     scale = scale_line(metrics)
     if scale:
         out_console.print(scale)

@@ -1,40 +1,34 @@
 """The judge's figures as the terminal shows them after `sdpipe demo` and `sdpipe evaluate`: each the mean over
-the sample sets with its 95 % interval."""
+the sample sets ± the half-width of its 95 % interval (metrics.json and the report give the interval's ends).
+Plain fixed-width lines, so the table fits 80 columns wherever it is printed (a terminal, a CI log)."""
 
 from __future__ import annotations
 
-from rich.table import Table
-
-from sdpipe.evaluate.intervals import fmt
-
-COLUMNS = (  # (header, key, digits, percent)
-    ("FD ratio", "fd_ratio", 2, False),
-    ("two-sample", "two_sample_accuracy", 3, False),
-    ("near-copies", "near_copy_share", 1, True),
-    ("accuracy", "label_accuracy", 1, True),
+COLUMNS = (  # (header, key, digits, percent, width)
+    ("FD ratio", "fd_ratio", 2, False, 11),
+    ("two-sample", "two_sample_accuracy", 2, False, 11),
+    ("copies", "near_copy_share", 1, True, 11),
+    ("accuracy", "label_accuracy", 1, True, 13),
 )
 
 
 def _cell(row: dict, key: str, digits: int, percent: bool) -> str:
     iv = row.get("intervals", {}).get(key)
-    if iv is not None:
-        return fmt(iv, digits, percent)
+    scale, unit = (100.0, " %") if percent else (1.0, "")
+    if iv is not None and len(iv["values"]) > 1:  # the t-interval is symmetric: mean ± half its width
+        return f"{iv['mean'] * scale:.{digits}f} ± {(iv['high'] - iv['mean']) * scale:.{digits}f}{unit}"
     value = row.get(key)
-    if value is None:
-        return "-"
-    return f"{value * 100:.{digits}f} %" if percent else f"{value:.{digits}f}"
+    return "-" if value is None else f"{value * scale:.{digits}f}{unit}"
 
 
-def judge_table(metrics: dict, title: str) -> Table:
-    """One row per guidance scale: sampler, steps, guidance, sets, then each figure with its interval."""
-    table = Table(title=title)
-    for col in ("sampler", "steps", "guidance", "sets", *(c[0] for c in COLUMNS), "img/s"):
-        table.add_column(col, justify="right")
+def judge_table(metrics: dict, title: str) -> str:
+    """A title line, a header and one line per guidance scale: sampler, steps, guidance, each figure, img/s."""
+    head = f"{'sampler':>9} {'steps':>5} {'g':>4} " + " ".join(f"{c[0]:>{c[4]}}" for c in COLUMNS) + f" {'img/s':>6}"
+    lines = [title, head, "-" * len(head)]
     for r in metrics["evaluation"]["guidance_sweep"]:
-        cells = [_cell(r, key, digits, percent) for _, key, digits, percent in COLUMNS]
-        table.add_row(r["sampler"], str(r["steps"]), f"{r['guidance']:g}", str(r.get("sets", 1)), *cells,
-                      f"{r['images_per_s']:.0f}")  # fmt: skip
-    return table
+        cells = " ".join(f"{_cell(r, key, d, pc):>{w}}" for _, key, d, pc, w in COLUMNS)
+        lines.append(f"{r['sampler']:>9} {r['steps']:>5} {r['guidance']:>4g} {cells} {r['images_per_s']:>6.0f}")
+    return "\n".join(lines)
 
 
 def scale_line(metrics: dict) -> str | None:
@@ -44,7 +38,8 @@ def scale_line(metrics: dict) -> str | None:
         return None
     real = metrics["evaluation"]["default"].get("two_sample_accuracy_real")
     return (
-        f"judged against {judge['heldout_images']} held-out images the model never trained on (fitted on "
+        f"mean ± 95 % interval over {metrics['evaluation']['default'].get('sets', 1)} sample sets, against "
+        f"{judge['heldout_images']} held-out images the model never trained on (judge fitted on "
         f"{judge['training_images']} training images); real training images score FD ratio 1.0 and two-sample "
-        f"{real:.3f}; mean (95 % interval) over {metrics['evaluation']['default'].get('sets', 1)} sample sets"
+        f"{real:.2f}"
     )
