@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +128,21 @@ def png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     return buf.getvalue()
+
+
+def race_registry_versions(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Barrier, set[int]]:
+    """Make two registering threads both read the latest version number before either inserts the next: the
+    registry's clock, called between the two, waits for both. Returns the barrier and the threads that waited,
+    so a test can check that the race really happened."""
+    from sdpipe.registry import core
+
+    both_read, waited, real_now = threading.Barrier(2), set(), core.now
+
+    def now_after_both_read() -> str:
+        if threading.get_ident() not in waited:
+            waited.add(threading.get_ident())
+            both_read.wait(timeout=20)
+        return real_now()
+
+    monkeypatch.setattr(core, "now", now_after_both_read)
+    return both_read, waited

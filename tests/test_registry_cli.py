@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import race_registry_versions
 from sdpipe.registry import Registry, resolve
 from sdpipe.registry.cli import app
 from test_registry import make_model, url_for
@@ -109,20 +110,11 @@ def test_every_command_has_help() -> None:
 def test_threads_racing_for_one_version_number(tmp_path: Path, monkeypatch, same_model: bool) -> None:
     """Both threads read "latest is 0" before either writes (forced by a barrier), so both try version 1:
     the unique constraints let one win; the other retries as version 2 (or returns the winner's version)."""
-    from sdpipe.registry import core
 
     a, b = (make_model(tmp_path / f"m{i}" / "model", i) for i in range(2))
     url = url_for(tmp_path)
     Registry(url)
-    both_read, waited, real_now = threading.Barrier(2), set(), core.now
-
-    def now_after_both_read() -> str:  # called between reading the latest number and inserting the next
-        if threading.get_ident() not in waited:
-            waited.add(threading.get_ident())
-            both_read.wait(timeout=20)
-        return real_now()
-
-    monkeypatch.setattr(core, "now", now_after_both_read)
+    both_read, waited = race_registry_versions(monkeypatch)
     results: dict[int, object] = {}
 
     def register(i: int, model: Path) -> None:

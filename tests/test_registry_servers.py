@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from conftest import race_registry_versions
 from sdpipe.registry import Registry, RegistryError, resolve
 from sdpipe.registry.db import events, metadata, versions
 from test_registry import make_model
@@ -114,7 +115,6 @@ def test_an_older_database_gets_the_append_only_triggers(db_url: str, tmp_path: 
 
 @pytest.mark.parametrize("same_model", [False, True])
 def test_racing_registrations(db_url: str, tmp_path: Path, monkeypatch, same_model: bool) -> None:
-    from sdpipe.registry import core
 
     a, b = (make_model(tmp_path / f"m{i}" / "model", i) for i in range(2))
     opened: list[Registry] = []
@@ -124,15 +124,7 @@ def test_racing_registrations(db_url: str, tmp_path: Path, monkeypatch, same_mod
     for t in starters:
         t.join()
     assert len(opened) == 4
-    both_read, waited, real_now = threading.Barrier(2), set(), core.now
-
-    def now_after_both_read() -> str:
-        if threading.get_ident() not in waited:
-            waited.add(threading.get_ident())
-            both_read.wait(timeout=20)
-        return real_now()
-
-    monkeypatch.setattr(core, "now", now_after_both_read)
+    both_read, waited = race_registry_versions(monkeypatch)
     results: dict[int, object] = {}
     models = [a, a if same_model else b]
     threads = [
