@@ -187,8 +187,8 @@ def replay(
         if not image.is_file():
             raise FileNotFoundError(f"image not found: {image}")
         _images_folder(out, overwrite)
-        model_dir = None if model is None else _load(model).path  # a registry version's weights hash is checked
-        path = replay_image(image, out, model_dir)
+        loaded = None if model is None else _load(model)  # a registry version's weights hash is checked
+        path = replay_image(image, out, loaded)  # the model as loaded and checked, not loaded a second time
     out_console.print(f"regenerated {image} as {path}")
 
 

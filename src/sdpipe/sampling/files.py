@@ -151,12 +151,13 @@ def read_png_params(path: str | Path) -> dict:
     return json.loads(text["sdpipe"])
 
 
-def replay(png: str | Path, out: str | Path, model_path: str | Path | None = None) -> Path:
+def replay(png: str | Path, out: str | Path, model_path: str | Path | LoadedModel | None = None) -> Path:
     """Regenerate the image `png` from the parameters it carries, into `out`; returns the new file.
 
-    The model is the one the PNG names (or `model_path`); its weights must hash to the recorded value."""
+    The model is the one the PNG names (or `model_path`, a folder or an already loaded model); its weights must
+    hash to the recorded value."""
     p = read_png_params(png)
-    model = load_model(model_path or p["model_path"])
+    model = model_path if isinstance(model_path, LoadedModel) else load_model(model_path or p["model_path"])
     found = weights_hash(model.unet)  # the weights themselves, not what sdpipe.json says of them
     if found != p["model_hash"]:
         raise ValueError(
