@@ -110,7 +110,7 @@ def test_evaluate_command_writes_metrics_and_report_and_repeats(
 def test_evaluate_command_errors_name_the_problem(tiny_model_dir: Path, tmp_path: Path) -> None:
     base = ["evaluate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")]
     result = runner.invoke(app, [*base, "--samplers", "ddim,plms"])
-    assert result.exit_code == 2 and "--samplers: unknown plms" in result.output
+    assert result.exit_code == 2 and "--samplers: unknown sampler 'plms'" in result.output
     result = runner.invoke(app, [*base, "--steps", "5,ten"])
     assert result.exit_code == 2 and "--steps" in result.output
     result = runner.invoke(app, [*base, "--inception", str(tmp_path / "none.pth")])

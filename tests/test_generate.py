@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from sdpipe.models import load_model
-from sdpipe.sampling import SAMPLERS, SampleSpec, generate
+from sdpipe.sampling import PIXEL_SAMPLERS, SampleSpec, generate
 from sdpipe.sampling.files import generate_files, to_pixels
 
 
@@ -61,7 +61,7 @@ def test_pixel_mapping_matches_source_intensities() -> None:
     assert to_pixels(x, (0.0, 16.0)).ravel().tolist() == [round(i * 255 / 16) for i in range(17)]
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("sampler", sorted(PIXEL_SAMPLERS))
 def test_every_sampler_runs(tiny_model_dir: Path, sampler: str) -> None:
     x = _gen(tiny_model_dir, [0, 1], [0, 1], SampleSpec(sampler, 3, 1.5, micro_batch=2))
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()

@@ -10,7 +10,8 @@ from diffusers import UNet2DModel
 
 from conftest import random_model
 from sdpipe.models import load_model, weights_hash
-from sdpipe.sampling import SampleSpec, denoise
+from sdpipe.conditioning import Conditioning
+from sdpipe.sampling import SampleSpec, denoise, make_scheduler
 
 
 def test_layout_and_no_pickle(tiny_model_dir: Path) -> None:
@@ -56,15 +57,12 @@ def test_vanilla_diffusers_loads_and_samples(tiny_model_dir: Path) -> None:
     with torch.no_grad():
         for t in sched.timesteps:
             x = sched.step(unet(sched.scale_model_input(x, t), t, class_labels=labels).sample, t, x).prev_sample
-    ours = denoise(
-        loaded.unet,
-        loaded.scheduler_config,
-        noise,
-        labels,
-        10,
-        SampleSpec("dpmpp_2m", 4, 1.0, 4),
-        [torch.Generator().manual_seed(i) for i in range(4)],
-    )
+    spec = SampleSpec("dpmpp_2m", 4, 1.0, 4)
+    parts = loaded.parts
+    encoded = parts.encode([Conditioning(label=str(i)) for i in range(4)], guided=False)
+    sched = make_scheduler(spec.sampler, loaded.scheduler_config)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    ours = denoise(parts, sched, noise, encoded, spec, gens, guided=False)
     assert torch.isfinite(x).all()
     torch.testing.assert_close(ours, x)
 

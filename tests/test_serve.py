@@ -21,12 +21,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import random_model
+from sdpipe.conditioning import Conditioning
 from sdpipe.models import LoadedModel, load_model
 from sdpipe.sampling import SampleSpec
 from sdpipe.sampling.files import generate_files
+from sdpipe.sampling.generate import Row, plan
 from sdpipe.serve import batching
 from sdpipe.serve.app import create_app
-from sdpipe.serve.batching import Batcher, GenerateJob, QueueFull, pack_rows, run_jobs
+from sdpipe.serve.batching import Batcher, GenerateJob, QueueFull, run_jobs
 from sdpipe.serve.metrics import ServeMetrics
 from sdpipe.serve.settings import ServeSettings
 
@@ -108,13 +110,34 @@ def test_same_images_as_sdpipe_generate(client: TestClient, model_a: Path, tmp_p
     assert not np.array_equal(want[0], want[1])
 
 
-def test_pack_rows_puts_each_seed_in_its_own_row() -> None:
-    items = [(3, 1), (11, 2), (19, 3), (4, 0), (100, 5), (3, 2)]
-    batches = pack_rows(items, 8)
-    assert sorted(it for b in batches for it in b.values()) == sorted(items)
-    assert all(r == it[0] % 8 for b in batches for r, it in b.items())
+def test_plan_puts_each_seed_in_its_own_row() -> None:
+    items = [(3, 1), (11, 2), (19, 3), (4, 0), (100, 5), (3, 2), (3, 2)]
+    rows = [Row(s, Conditioning(label=str(lab))) for s, lab in items]
+    batches = plan(rows, 8)
+    assert sorted((r.seed, r.cond.label) for b in batches for r in b.values()) == sorted(
+        set(map(lambda i: (i[0], str(i[1])), items))
+    )
+    assert all(r == row.seed % 8 for b in batches for r, row in b.items())
     # seeds 3, 11, 19 and the second (3, ·) share row 3: four micro-batches, not one per seed window
     assert len(batches) == 4
+    # rows whose batch keys differ (here: the image size) never share a micro-batch
+    sized = [
+        Row(1, Conditioning(prompt="a", width=64, height=64)),
+        Row(2, Conditioning(prompt="a", width=32, height=64)),
+    ]
+    assert len(plan(sized, 8)) == 2
+
+
+def test_the_server_has_no_generation_loop_of_its_own() -> None:
+    """The server and the CLI generate through `generate_items`; serve/ imports neither the loop nor the noise."""
+    import ast
+
+    serve = Path(__file__).parent.parent / "src" / "sdpipe" / "serve"
+    for path in serve.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {a.name for a in node.names}
+                assert not names & {"denoise", "row_noise", "run", "plan", "new_scheduler"}, path
 
 
 def test_merged_requests_give_the_images_they_give_alone(model_a: Path, tmp_path: Path) -> None:
@@ -341,7 +364,12 @@ def test_metrics(client: TestClient) -> None:
 
 def test_bad_outputs_are_counted(model_a: Path) -> None:
     model, metrics = load_model(model_a), ServeMetrics()
-    images = {(0, 1): torch.full((1, 8, 8), float("nan")), (1, 1): torch.zeros(1, 8, 8), (2, 1): torch.rand(1, 8, 8)}
+    one = Conditioning(label="1")
+    images = {
+        Row(0, one): torch.full((1, 8, 8), float("nan")),
+        Row(1, one): torch.zeros(1, 8, 8),
+        Row(2, one): torch.rand(1, 8, 8),
+    }
     batching._encode(model, images, SampleSpec(), metrics)
     text = metrics.render()[0].decode()
     assert 'sdpipe_bad_images_total{kind="nonfinite"} 1.0' in text

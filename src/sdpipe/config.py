@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SamplerName = Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+from sdpipe import sampler_names
+
 MAX_SEED = 2**32 - 1  # seeds are 0..2^32-1 everywhere (config, command line, server): none wraps silently
 
 
@@ -163,10 +164,15 @@ class TrainConfig(_Section):
 
 
 class SampleConfig(_Section):
-    sampler: SamplerName = "dpmpp_2m"
+    sampler: str = "dpmpp_2m"  # any name of `sdpipe.sampler_names` (either name, any case), stored as sdpipe's
     steps: int = Field(default=14, ge=1, le=1000)  # measured: as good as 20 within noise, 1.4x faster
     guidance: float = Field(default=1.0, ge=0, le=20)  # classifier-free guidance scale; 1 = none
     micro_batch: int = Field(default=64, ge=1, le=4096)  # fixed network batch: images never depend on n
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, name: str) -> str:
+        return sampler_names.resolve(name)
 
 
 class EvaluateConfig(_Section):
@@ -184,7 +190,7 @@ class EvaluateConfig(_Section):
         return self
 
 
-EDM_SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_2m_karras")  # those diffusers has EDM schedulers for
+EDM_SAMPLERS = sampler_names.EDM_SAMPLERS  # those diffusers has EDM schedulers for
 
 
 class PipelineConfig(_Section):
@@ -205,6 +211,11 @@ class PipelineConfig(_Section):
                 )
             if self.train.loss_weighting != "edm":
                 raise ValueError("diffusion.formulation=edm trains with train.loss_weighting=edm")
+        elif self.sample.sampler not in sampler_names.PIXEL_SAMPLERS:
+            raise ValueError(
+                f"sample.sampler {self.sample.sampler!r} is for Stable Diffusion pipelines; pixel-space models "
+                f"sample with one of: {', '.join(sampler_names.PIXEL_SAMPLERS)}"
+            )
         if self.diffusion.sigma_min >= self.diffusion.sigma_max:
             raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
         return self

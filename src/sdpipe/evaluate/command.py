@@ -15,7 +15,8 @@ from sdpipe.data.imageset import has_split, split_arrays
 from sdpipe.evaluate.full import DEFAULT_SAMPLERS, DEFAULT_STEPS, run_evaluation
 from sdpipe.evaluate.report import write_evaluation_report
 from sdpipe.models import LoadedModel, load_model
-from sdpipe.sampling import SAMPLERS, SampleSpec, make_scheduler
+from sdpipe.sampler_names import PIXEL_SAMPLERS, resolve
+from sdpipe.sampling import SampleSpec, make_scheduler
 
 
 def parse_list(text: str, option: str) -> list[str]:
@@ -28,9 +29,11 @@ def parse_list(text: str, option: str) -> list[str]:
 
 def check_sweep(samplers: list[str], steps: list[str]) -> list[int]:
     """Validate the quality-versus-steps sweep's samplers and step counts; returns the step counts."""
-    bad = [s for s in samplers if s not in SAMPLERS]
-    if bad:
-        raise ValueError(f"--samplers: unknown {', '.join(bad)}; choose from {', '.join(SAMPLERS)}")
+    for name in samplers:
+        try:
+            resolve(name)
+        except ValueError as exc:
+            raise ValueError(f"--samplers: {exc}") from None
     try:
         counts = [int(s) for s in steps]
     except ValueError:
@@ -64,7 +67,7 @@ def _sweep_samplers(requested: list[str] | None, scheduler_config: dict, warning
     names = requested if requested is not None else DEFAULT_SAMPLERS
     usable = [name for name in names if _applies(name, scheduler_config)]
     if requested is not None and not usable:
-        takes = [name for name in SAMPLERS if _applies(name, scheduler_config)]
+        takes = [name for name in PIXEL_SAMPLERS if _applies(name, scheduler_config)]
         raise ValueError(
             f"--samplers: none of {', '.join(requested)} applies to this model; it takes {', '.join(takes)}"
         )

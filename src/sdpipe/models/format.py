@@ -26,6 +26,8 @@ from diffusers.models.unets.unet_2d import UNet2DModel
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save as safetensors_bytes
 
+from sdpipe.models.parts import PixelClassParts
+
 FORMAT_VERSION = 1
 MODEL_PARTS = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler", "sdpipe.json")
 # diffusers' from_pretrained builds the model under accelerate's init_empty_weights, which patches
@@ -61,6 +63,18 @@ class LoadedModel:
     unet: UNet2DModel
     scheduler_config: dict[str, Any]
     meta: ModelMeta
+    kind: str = "pixel-class"
+
+    @property
+    def parts(self) -> PixelClassParts:
+        """The model as the generation path sees it (`sdpipe.sampling.generate.generate_items`)."""
+        m = self.meta
+        shape = (m.channels, m.image_size, m.image_size)
+        return PixelClassParts(self.unet, self.scheduler_config, m.class_names, m.null_label, shape)
+
+    @property
+    def hash(self) -> str:
+        return self.meta.weights_hash
 
 
 def weights_hash(unet: torch.nn.Module) -> str:

@@ -1,8 +1,8 @@
 """Sampling stage: diffusers schedulers by name, and seed-per-image generation."""
 
+from sdpipe.sampler_names import PIXEL_SAMPLERS
 from sdpipe.sampling.generate import SampleSpec, denoise, generate
 from sdpipe.sampling.schedulers import (
-    SAMPLERS,
     edm_scheduler_config,
     make_scheduler,
     samplers_for,
@@ -10,7 +10,7 @@ from sdpipe.sampling.schedulers import (
 )
 
 __all__ = [
-    "SAMPLERS",
+    "PIXEL_SAMPLERS",
     "SampleSpec",
     "denoise",
     "edm_scheduler_config",

@@ -16,10 +16,11 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from sdpipe import __version__
+from sdpipe.conditioning import Conditioning
 from sdpipe.data import to_source_range
 from sdpipe.models import LoadedModel, load_model, weights_hash
 from sdpipe.progress import progress_bar
-from sdpipe.sampling.generate import SampleSpec, generate
+from sdpipe.sampling.generate import Row, SampleSpec, generate_items
 
 
 def to_pixels(x: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
@@ -49,6 +50,11 @@ def parse_labels(label: str, n: int, class_names: list[str] | None) -> list[int]
     raise ValueError(f"unknown label {label!r}: choose one of {', '.join(class_names)} or 'all'")
 
 
+def label_conditioning(class_names: list[str] | None, label: int | None) -> Conditioning:
+    """A pixel-space class model's conditioning for label index `label` (None: unconditional)."""
+    return Conditioning(label=None if label is None or class_names is None else class_names[label])
+
+
 def generate_files(
     model: LoadedModel,
     out: str | Path,
@@ -73,20 +79,15 @@ def generate_files(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    parts = model.parts
     with progress_bar("generating", n, show_progress) as advance:
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))
-            chunk_labels = None if labels is None else [labels[i] for i in idx]
-            x = generate(
-                model.unet,
-                model.scheduler_config,
-                [seed + i for i in idx],
-                chunk_labels,
-                shape=(meta.channels, meta.image_size, meta.image_size),
-                null_label=meta.null_label,
-                spec=spec,
-                progress=advance,
-            )
+            rows = [
+                Row(seed + i, label_conditioning(meta.class_names, None if labels is None else labels[i])) for i in idx
+            ]
+            images = generate_items(parts, rows, spec, progress=advance)
+            x = torch.stack([images[row] for row in rows])
             for i, px in zip(idx, to_pixels(x, meta.value_range), strict=True):
                 name = f"{i:05d}.png"
                 record = {"file": name, **sample_record(model, None if labels is None else labels[i], seed + i, spec)}

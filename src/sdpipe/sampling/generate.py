@@ -1,4 +1,4 @@
-"""Class-conditional generation with classifier-free guidance, reproducible image by image.
+"""The one generation path: every model kind, the CLI and the server sample through `generate_items`.
 
 Image i of a run with seed S is drawn from its own `torch.Generator` seeded with S+i (as in EDM's
 `generate.py`), so it never depends on which other images are made with it. Because a network's
@@ -7,6 +7,11 @@ runs on micro-batches of one fixed size, and the seed alone decides a sample's r
 unused rows are padding. Each micro-batch is denoised by its own scheduler instance. So image bits depend
 only on (model, seed, label, sampler, steps, guidance, micro_batch), never on n or on chunking.
 
+What differs between kinds (pixel-space class models, Stable Diffusion pipelines) is behind
+`sdpipe.models.parts.Parts`: the conditioning encoder, the denoiser, the decoder and a few `SamplingRules`
+(the order of guidance rows, when guidance runs, how schedulers are configured). The loop, the micro-batch
+plan and the noise convention are this module's, for all of them.
+
 An optional `on_step` callback sees the model's clean-image prediction (x0) after every sampler step, for
 looking inside the denoising trajectory; it only reads tensors, so it never changes a generated bit.
 """
@@ -14,14 +19,16 @@ looking inside the denoising trajectory; it only reads tensors, so it never chan
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from diffusers.models.unets.unet_2d import UNet2DModel
 
+from sdpipe.conditioning import Conditioning
 from sdpipe.config import ConfigError, SampleConfig, validate_section
-from sdpipe.sampling.schedulers import Scheduler, make_scheduler, samplers_for
+from sdpipe.models.parts import Encoded, Parts, PixelClassParts
+from sdpipe.sampling.schedulers import Scheduler, make_scheduler, pipeline_scheduler, samplers_for
 
 # on_step(step index, timestep, x0 prediction (B, C, H, W)) for `denoise`
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -51,57 +58,87 @@ def model_sample_spec(
     return SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)
 
 
-def _micro_batches(seeds: list[int], micro_batch: int) -> Iterator[list[int]]:
-    """Group seeds so each group shares `seed // micro_batch`: their rows `seed % micro_batch` differ."""
-    group: list[int] = []
-    for s in sorted(seeds):
-        if group and s // micro_batch != group[0] // micro_batch:
-            yield group
-            group = []
-        group.append(s)
-    if group:
-        yield group
+@dataclass(frozen=True)
+class Row:
+    """One image to make: its seed and what it is conditioned on."""
+
+    seed: int
+    cond: Conditioning
+
+
+def plan(rows: Sequence[Row], micro_batch: int) -> list[dict[int, Row]]:
+    """Distinct rows into micro-batches: rows share one only if their `batch_key`s agree, and each sits in row
+    `seed % micro_batch` of it; first fit, so never more micro-batches than blocks of `seed // micro_batch`."""
+    batches: list[tuple[tuple, dict[int, Row]]] = []
+    for row in dict.fromkeys(rows):
+        key, slot = row.cond.batch_key(), row.seed % micro_batch
+        free = next((b for k, b in batches if k == key and slot not in b), None)
+        if free is None:
+            batches.append((key, {slot: row}))
+        else:
+            free[slot] = row
+    return [b for _, b in batches]
+
+
+def row_noise(parts: Parts, rows: dict[int, Row], micro_batch: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """The initial noise and generators of one micro-batch: row r has `torch.Generator("cpu")` seeded with its
+    image's seed and noise `torch.randn(shape, generator=g, dtype=parts.dtype)`, diffusers' per-image CPU
+    generator convention; a padding row is seeded r (its output is never used)."""
+    first = next(iter(rows.values()))
+    shape = parts.sample_shape(first.cond)
+    gens = [torch.Generator("cpu").manual_seed(rows[r].seed if r in rows else r) for r in range(micro_batch)]
+    noise = torch.stack([torch.randn(shape, generator=g, dtype=parts.dtype) for g in gens]).to(parts.device)
+    return noise, gens
+
+
+def new_scheduler(parts: Parts, spec: SampleSpec, seeds: list[int]) -> Scheduler:
+    """A fresh scheduler for one micro-batch, built by the model kind's rule (see `SamplingRules`)."""
+    if parts.rules.filtered_scheduler:
+        return make_scheduler(spec.sampler, parts.scheduler_config)
+    return pipeline_scheduler(spec.sampler, parts.scheduler_config, seeds)
+
+
+def run(parts: Parts, rows: dict[int, Row], spec: SampleSpec, on_step: StepCallback | None = None) -> torch.Tensor:
+    """One micro-batch of `spec.micro_batch` rows, row r holding `rows[r]`: images in [-1, 1] (m, C, H, W)."""
+    m = spec.micro_batch
+    noise, gens = row_noise(parts, rows, m)
+    seeds = [rows[r].seed if r in rows else r for r in range(m)]
+    guided = parts.conditional() and parts.rules.guided(spec.guidance)
+    encoded = parts.encode([rows[r].cond if r in rows else None for r in range(m)], guided)
+    x = denoise(parts, new_scheduler(parts, spec, seeds), noise, encoded, spec, gens, guided, on_step)
+    return parts.decode(x)
 
 
 @torch.inference_mode()
 def denoise(
-    unet: UNet2DModel,
-    scheduler_config: dict,
+    parts: Parts,
+    sched: Scheduler,
     noise: torch.Tensor,
-    labels: torch.Tensor | None,
-    null_label: int | None,
+    encoded: Encoded,
     spec: SampleSpec,
     generators: list[torch.Generator],
+    guided: bool,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Run one fixed-shape batch through the sampler: `noise` (B, C, H, W) -> images in [-1, 1].
+    """Run one fixed-shape batch through the sampler: `noise` (B, C, H, W) -> the sampled batch.
 
     `on_step`, if given, receives a copy of the clean-image prediction after each step (see `predicted_x0`)."""
-    sched = make_scheduler(spec.sampler, scheduler_config)
     sched.set_timesteps(spec.steps)
-    if hasattr(sched, "set_begin_index"):
+    if parts.rules.begin_at_zero and hasattr(sched, "set_begin_index"):
         # Start at step 0 even when the first timesteps repeat (Karras sigmas on a cosine schedule map
         # several of them to t=998); diffusers would otherwise start at index 1 and run off the end.
         sched.set_begin_index(0)
-    guided = labels is not None and spec.guidance != 1.0
-    if guided and null_label is None:
-        raise ValueError("classifier-free guidance needs a class-conditional model with a null label")
     # stochastic samplers draw their noise per row from the row's own generator
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
     x = noise * sched.init_noise_sigma
-    class_in = None
-    if labels is not None and guided:
-        assert null_label is not None  # checked above
-        class_in = torch.cat([labels, torch.full_like(labels, null_label)])
-    elif labels is not None:
-        class_in = labels
     for i, t in enumerate(sched.timesteps):
         inp = sched.scale_model_input(x, t)
         if guided:
             inp = torch.cat([inp, inp])
-        out = unet(inp, t, class_labels=class_in).sample
+        out = parts.denoise(inp, t, encoded)
         if guided:
-            cond, uncond = out.chunk(2)
+            first, second = out.chunk(2)
+            cond, uncond = (first, second) if parts.rules.cond_first else (second, first)
             out = uncond + spec.guidance * (cond - uncond)
         step = sched.step(out, t, x, **step_kwargs)
         if on_step is not None:
@@ -138,6 +175,33 @@ def predicted_x0(
     return model_output.detach().clone()
 
 
+def generate_items(
+    parts: Parts,
+    rows: Sequence[Row],
+    spec: SampleSpec,
+    *,
+    progress: Callable[[int], None] | None = None,
+    on_step: Callable[[int, dict[Row, torch.Tensor]], None] | None = None,
+    on_batch: Callable[[dict[int, Row]], None] | None = None,
+) -> dict[Row, torch.Tensor]:
+    """Each distinct row's image in [-1, 1] (C, H, W) on the CPU: the one generation path of the CLI, replay,
+    evaluation, validation grids and the server (whose requests share micro-batches through it).
+
+    `on_step(step index, {row: x0 prediction})` follows the denoising of every micro-batch (it changes no
+    image); `on_batch` sees each micro-batch's rows before it runs (the server counts them)."""
+    out: dict[Row, torch.Tensor] = {}
+    for batch in plan(rows, spec.micro_batch):
+        if on_batch is not None:
+            on_batch(batch)
+        step_cb = None if on_step is None else _per_row(on_step, batch)
+        x = run(parts, batch, spec, step_cb).cpu()
+        for r, row in batch.items():
+            out[row] = x[r]
+        if progress is not None:
+            progress(len(batch))
+    return out
+
+
 def generate(
     unet: UNet2DModel,
     scheduler_config: dict,
@@ -150,7 +214,8 @@ def generate(
     progress: Callable[[int], None] | None = None,
     on_step: Callable[[int, dict[int, torch.Tensor]], None] | None = None,
 ) -> torch.Tensor:
-    """Images in [-1, 1], one per seed, in the order of `seeds`. `labels[i]` conditions `seeds[i]`.
+    """Images in [-1, 1] of a pixel-space class model, one per seed, in the order of `seeds`: `labels[i]`
+    (a class index) conditions `seeds[i]`. A shorthand of `generate_items` for the digits' callers.
 
     `on_step(step index, {seed: x0 prediction (C, H, W)})` is called after every sampler step of every
     micro-batch, with that micro-batch's seeds (the denoising trajectory; it changes no image)."""
@@ -158,51 +223,19 @@ def generate(
         raise ValueError(f"{len(seeds)} seeds but {len(labels)} labels")
     if len(set(seeds)) != len(seeds):
         raise ValueError("seeds must be distinct: one image per seed")
-    label_of = dict(zip(seeds, labels, strict=True)) if labels is not None else {}
-    device = next(unet.parameters()).device
-    m = spec.micro_batch
-    result: dict[int, torch.Tensor] = {}
-    for group in _micro_batches(seeds, m):
-        rows = {s % m: s for s in group}
-        noise, lab, gens = row_inputs(
-            {r: (s, label_of.get(s)) for r, s in rows.items()}, m, shape, null_label, labels is not None, device
-        )
-        step_cb: StepCallback | None = None
-        if on_step is not None:
-            step_cb = _per_seed(on_step, rows)
-        x = denoise(unet, scheduler_config, noise, lab, null_label, spec, gens, step_cb)
-        for r, s in rows.items():
-            result[s] = x[r].cpu()
-        if progress is not None:
-            progress(len(group))
-    return torch.stack([result[s] for s in seeds])
+    classes = None if labels is None else (null_label if null_label is not None else max(labels, default=0) + 1)
+    names = None if classes is None else [str(i) for i in range(classes)]  # labels travel by name
+    parts = PixelClassParts(unet, scheduler_config, names, null_label, shape)
+    rows = [Row(s, Conditioning(label=None if labels is None else str(labels[i]))) for i, s in enumerate(seeds)]
+    seed_cb = None if on_step is None else (lambda i, x0: on_step(i, {row.seed: v for row, v in x0.items()}))
+    images = generate_items(parts, rows, spec, progress=progress, on_step=seed_cb)
+    return torch.stack([images[row] for row in rows])
 
 
-def row_inputs(
-    rows: Mapping[int, tuple[int, int | None]],
-    micro_batch: int,
-    shape: tuple[int, int, int],
-    null_label: int | None,
-    conditional: bool,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Generator]]:
-    """Noise, labels (None for an unconditional model) and generators of one micro-batch whose row r holds
-    the image `rows[r] = (seed, label)`. Other rows are padding: a generator of their own (seeded r) and the
-    null label; their content never reaches a real row."""
-    gens = [torch.Generator("cpu").manual_seed(rows[r][0] if r in rows else r) for r in range(micro_batch)]
-    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-    labels = None
-    if conditional:
-        pad = null_label if null_label is not None else 0
-        row_labels = [rows[r][1] if r in rows else None for r in range(micro_batch)]
-        labels = torch.tensor([pad if lab is None else lab for lab in row_labels], device=device)
-    return noise, labels, gens
-
-
-def _per_seed(on_step: Callable[[int, dict[int, torch.Tensor]], None], rows: dict[int, int]) -> StepCallback:
-    """Adapt a per-seed callback to `denoise`'s per-batch one: rows of padding are left out."""
+def _per_row(on_step: Callable[[int, dict[Row, torch.Tensor]], None], rows: dict[int, Row]) -> StepCallback:
+    """Adapt a per-row callback to `denoise`'s per-batch one: rows of padding are left out."""
 
     def callback(i: int, t: torch.Tensor, x0: torch.Tensor) -> None:
-        on_step(i, {s: x0[r].cpu() for r, s in rows.items()})
+        on_step(i, {row: x0[r].cpu() for r, row in rows.items()})
 
     return callback

@@ -3,47 +3,27 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
 import torch
-from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
-from diffusers.schedulers.scheduling_edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
-from diffusers.schedulers.scheduling_edm_euler import EDMEulerScheduler
-from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
-from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteScheduler
-from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
+
+from sdpipe.sampler_names import EDM_SAMPLERS, PIXEL_SAMPLERS, SAMPLERS, choices, resolve
 
 # diffusers' schedulers share no typed base class that declares step()/set_timesteps(): typed structurally.
 Scheduler = Any
 
-# name -> (scheduler class, settings that make it that sampler)
-SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "unipc": (UniPCMultistepScheduler, {}),
-}
-
-# Models trained with EDM preconditioning (a saved config with `sigma_data`) sample with diffusers' EDM
-# schedulers, which apply the preconditioning themselves. Both DPM-Solver++ names use EDM's Karras sigmas.
-EDM_SAMPLERS: dict[str, tuple[type, dict[str, Any]]] = {
-    "euler": (EDMEulerScheduler, {}),
-    "dpmpp_2m": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-}
 _EDM_KEYS = ("sigma_min", "sigma_max", "sigma_data", "prediction_type")
 
 # Keys of a training config that every sampler shares; the rest of a saved config is sampler-specific.
 _SHARED_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "trained_betas")
+
+
+def scheduler_class(class_name: str) -> Any:
+    """A diffusers scheduler class by name (imported on first use: DPMSolverSDEScheduler needs torchsde)."""
+    return getattr(importlib.import_module("diffusers"), class_name)
 
 
 def training_scheduler_config(
@@ -75,19 +55,35 @@ def edm_scheduler_config(sigma_min: float, sigma_max: float, sigma_data: float) 
 
 
 def samplers_for(model_scheduler_config: dict[str, Any]) -> list[str]:
-    """The sampler names that apply to a model with this saved scheduler config."""
-    return list(EDM_SAMPLERS if "sigma_data" in model_scheduler_config else SAMPLERS)
+    """The sampler names that apply to a pixel-space class model with this saved scheduler config."""
+    return list(EDM_SAMPLERS if "sigma_data" in model_scheduler_config else PIXEL_SAMPLERS)
 
 
 def make_scheduler(name: str, model_scheduler_config: dict[str, Any]) -> Scheduler:
-    """A fresh scheduler for sampler `name`, matching the noise schedule in `model_scheduler_config`."""
+    """A fresh scheduler for sampler `name` (either name, see `sdpipe.sampler_names`) for a pixel-space class
+    model: only the training schedule's keys are kept from `model_scheduler_config` (`_SHARED_KEYS`), so a
+    DDPM config's `timestep_spacing` never changes what DPM-Solver does to these models."""
+    name = resolve(name)
     edm = "sigma_data" in model_scheduler_config
-    table, keys = (EDM_SAMPLERS, _EDM_KEYS) if edm else (SAMPLERS, _SHARED_KEYS)
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(table)}")
-    if name not in table:
+    usable, keys = (EDM_SAMPLERS, _EDM_KEYS) if edm else (PIXEL_SAMPLERS, _SHARED_KEYS)
+    if name not in usable:
         kind = "an EDM-preconditioned model" if edm else "this model"
-        raise ValueError(f"sampler {name!r} does not apply to {kind}; choose one of: {', '.join(table)}")
-    cls, extra = table[name]
+        raise ValueError(f"sampler {name!r} does not apply to {kind}; choose one of: {choices(list(usable))}")
+    row = SAMPLERS[name]
+    overrides = dict(row.overrides)
+    if edm:  # EDM's sigmas are Karras sigmas already: its schedulers take no such switch
+        overrides.pop("use_karras_sigmas", None)
+    cls = scheduler_class(row.edm if edm and row.edm else row.scheduler)
     shared = {k: model_scheduler_config[k] for k in keys if k in model_scheduler_config}
-    return cls(**shared, **extra)
+    return cls(**shared, **overrides)
+
+
+def pipeline_scheduler(name: str, model_scheduler_config: dict[str, Any], seeds: list[int] | None = None) -> Scheduler:
+    """A fresh scheduler for sampler `name` for a Stable Diffusion pipeline: `cls.from_config(saved config,
+    **overrides)`, as diffusers swaps schedulers, so `timestep_spacing`, `steps_offset` and SD 2's
+    `v_prediction` carry over. `seeds` (one per batch row) seed DPM++ SDE's Brownian trees, one tree per row."""
+    row = SAMPLERS[resolve(name)]
+    sched = scheduler_class(row.scheduler).from_config(model_scheduler_config, **row.overrides)
+    if seeds is not None and hasattr(sched, "noise_sampler_seed"):
+        sched.noise_sampler_seed = list(seeds)
+    return sched

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sdpipe.config import SamplerName
+from sdpipe import sampler_names
 from sdpipe.sampling import samplers_for
 from sdpipe.sampling.files import parse_labels
 from sdpipe.serve.batching import Batcher, GenerateJob, InvalidRequest, QueueFull, sample_spec
@@ -61,7 +61,9 @@ class GenerateRequest(BaseModel):
     n: int = Field(ge=1, description="number of images; image i has seed seed+i")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=1000)
-    sampler: SamplerName | None = None
+    sampler: str | None = Field(
+        None, max_length=64, description="a sampler's sdpipe or web-UI name: " + sampler_names.choices()
+    )
     guidance: float | None = Field(None, ge=0, le=20, allow_inf_nan=False)
 
 
@@ -217,9 +219,13 @@ def create_app(resolver: Resolver, settings: ServeSettings | None = None, api_ke
         except ValueError as exc:
             return _invalid("label", str(exc))
         usable = samplers_for(model.scheduler_config)
-        if req.sampler is not None and req.sampler not in usable:
+        try:
+            sampler = None if req.sampler is None else sampler_names.resolve(req.sampler)
+        except ValueError as exc:
+            return _invalid("sampler", str(exc))
+        if sampler is not None and sampler not in usable:
             return _invalid("sampler", f"{req.sampler!r} does not apply to this model; use one of: {', '.join(usable)}")
-        job = GenerateJob(req.n, req.seed, req.label, req.steps, req.sampler, req.guidance)
+        job = GenerateJob(req.n, req.seed, req.label, req.steps, sampler, req.guidance)
         try:
             batcher.submit(job)
         except QueueFull as full:

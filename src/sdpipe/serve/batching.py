@@ -25,14 +25,12 @@ import torch
 
 from sdpipe.config import ConfigError
 from sdpipe.models import LoadedModel
-from sdpipe.sampling.files import encode_png, parse_labels, png_info, sample_record, to_pixels
-from sdpipe.sampling.generate import SampleSpec, denoise, model_sample_spec, row_inputs
+from sdpipe.sampling.files import encode_png, label_conditioning, parse_labels, png_info, sample_record, to_pixels
+from sdpipe.sampling.generate import Row, SampleSpec, generate_items, model_sample_spec
 from sdpipe.serve.metrics import ServeMetrics
 from sdpipe.serve.settings import ServeSettings
 
 log = logging.getLogger("sdpipe.serve")
-
-Item = tuple[int, int | None]  # (seed, label index); one image
 
 
 class InvalidRequest(ValueError):
@@ -78,105 +76,70 @@ def sample_spec(model: LoadedModel, steps: int | None, sampler: str | None, guid
         raise InvalidRequest(None, str(exc)) from None
 
 
-def pack_rows(items: list[Item], micro_batch: int) -> list[dict[int, Item]]:
-    """Distinct images into as few micro-batches as first-fit finds: each maps row `seed % m` -> image."""
-    batches: list[dict[int, Item]] = []
-    for item in items:
-        row = item[0] % micro_batch
-        free = next((b for b in batches if row not in b), None)
-        if free is None:
-            batches.append({row: item})
-        else:
-            free[row] = item
-    return batches
-
-
-def run_rows(model: LoadedModel, rows: dict[int, Item], spec: SampleSpec) -> torch.Tensor:
-    """One micro-batch, exactly as `sampling.generate.generate` draws it: row r holds the image of the seed
-    in `rows[r]` (noise and sampler noise from its own generator); other rows are padding."""
-    meta = model.meta
-    noise, labels, gens = row_inputs(
-        rows,
-        spec.micro_batch,
-        (meta.channels, meta.image_size, meta.image_size),
-        meta.null_label,
-        meta.class_names is not None,
-        next(model.unet.parameters()).device,
-    )
-    return denoise(model.unet, model.scheduler_config, noise, labels, meta.null_label, spec, gens)
-
-
-def generate_items(
-    model: LoadedModel, items: list[Item], spec: SampleSpec, metrics: ServeMetrics | None = None
-) -> dict[Item, torch.Tensor]:
-    """Each distinct image once, in packed micro-batches: image -> tensor in [-1, 1] (C, H, W)."""
-    out: dict[Item, torch.Tensor] = {}
-    for rows in pack_rows(list(dict.fromkeys(items)), spec.micro_batch):
-        if metrics is not None:
-            metrics.micro_batches.inc()
-            metrics.rows_used.inc(len(rows))
-        x = run_rows(model, rows, spec).cpu()
-        for r, item in rows.items():
-            out[item] = x[r]
-    return out
-
-
-def _job_items(model: LoadedModel, job: GenerateJob) -> list[Item]:
+def _job_rows(model: LoadedModel, job: GenerateJob) -> list[Row]:
+    names = model.meta.class_names
     try:
-        labels = parse_labels(job.label, job.n, model.meta.class_names)
+        labels = parse_labels(job.label, job.n, names)
     except ValueError as exc:
         raise InvalidRequest("label", str(exc)) from None
-    return [(job.seed + i, None if labels is None else labels[i]) for i in range(job.n)]
+    return [Row(job.seed + i, label_conditioning(names, None if labels is None else labels[i])) for i in range(job.n)]
 
 
 def run_jobs(model: LoadedModel, jobs: list[GenerateJob], metrics: ServeMetrics | None = None) -> None:
-    """Generate every job's images, sharing micro-batches between jobs with the same sampler settings,
-    and complete each job's future (a job with a bad label or settings gets `InvalidRequest`)."""
-    groups: dict[SampleSpec, list[tuple[GenerateJob, list[Item]]]] = {}
+    """Generate every job's images, sharing micro-batches between jobs with the same sampler settings
+    (through `generate_items`, the CLI's own path), and complete each job's future (a job with a bad label or
+    settings gets `InvalidRequest`)."""
+    groups: dict[SampleSpec, list[tuple[GenerateJob, list[Row]]]] = {}
     for job in jobs:
         try:
             spec = sample_spec(model, job.steps, job.sampler, job.guidance)
-            groups.setdefault(spec, []).append((job, _job_items(model, job)))
+            groups.setdefault(spec, []).append((job, _job_rows(model, job)))
         except InvalidRequest as exc:
             job.future.set_exception(exc)
     for spec, members in groups.items():
         try:
-            images = generate_items(model, [it for _, items in members for it in items], spec, metrics)
+            rows = [row for _, job_rows in members for row in job_rows]
+            images = generate_items(model.parts, rows, spec, on_batch=None if metrics is None else _counter(metrics))
             pngs = _encode(model, images, spec, metrics)
         except Exception as exc:  # a failed batch fails its requests, never the worker
             log.exception("batch of %d requests failed", len(members))
             for job, _ in members:
                 job.future.set_exception(exc)
             continue
-        for job, items in members:
-            served = [ServedImage(pngs[it], it[0], _label_name(model, it[1])) for it in items]
+        for job, job_rows in members:
+            served = [ServedImage(pngs[row], row.seed, row.cond.label) for row in job_rows]
             if metrics is not None:
                 metrics.images.inc(len(served))
             job.future.set_result(JobResult(model.meta.weights_hash, served))
 
 
-def _label_name(model: LoadedModel, label: int | None) -> str | None:
-    names = model.meta.class_names
-    return None if label is None or names is None else names[label]
+def _counter(metrics: ServeMetrics) -> Callable[[dict[int, Row]], None]:
+    def count(batch: dict[int, Row]) -> None:
+        metrics.micro_batches.inc()
+        metrics.rows_used.inc(len(batch))
+
+    return count
 
 
 def _encode(
-    model: LoadedModel, images: dict[Item, torch.Tensor], spec: SampleSpec, metrics: ServeMetrics | None
-) -> dict[Item, str]:
+    model: LoadedModel, images: dict[Row, torch.Tensor], spec: SampleSpec, metrics: ServeMetrics | None
+) -> dict[Row, str]:
     """Base64 PNGs with the generation parameters in their text chunks, as `sdpipe generate` writes them."""
-    items = list(images)
-    x = torch.stack([images[it] for it in items])
+    rows = list(images)
+    x = torch.stack([images[row] for row in rows])
     finite = torch.isfinite(x).flatten(1).all(dim=1).tolist()
+    names = model.meta.class_names
     out = {}
     with np.errstate(invalid="ignore"):  # non-finite values are counted below, not warned about
         pixels = to_pixels(x, model.meta.value_range)
-    for item, px, ok in zip(items, pixels, finite, strict=True):
+    for row, px, ok in zip(rows, pixels, finite, strict=True):
         if metrics is not None and not ok:
             metrics.bad_images.labels("nonfinite").inc()
         elif metrics is not None and px.min() == px.max():
             metrics.bad_images.labels("blank").inc()
-        record = sample_record(model, item[1], item[0], spec)
-        out[item] = base64.b64encode(encode_png(np.ascontiguousarray(px), png_info(record, model, spec))).decode()
+        label = None if row.cond.label is None or names is None else names.index(row.cond.label)
+        record = sample_record(model, label, row.seed, spec)
+        out[row] = base64.b64encode(encode_png(np.ascontiguousarray(px), png_info(record, model, spec))).decode()
     return out
 
 

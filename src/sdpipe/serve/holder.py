@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from sdpipe.models import LoadedModel, ModelMeta, load_model
-from sdpipe.serve.batching import run_rows, sample_spec
+from sdpipe.sampling.files import label_conditioning
+from sdpipe.sampling.generate import Row, generate_items
+from sdpipe.serve.batching import sample_spec
 from sdpipe.serve.metrics import ServeMetrics
 
 log = logging.getLogger("sdpipe.serve")
@@ -78,9 +80,10 @@ def identify(path: Path) -> ModelIdentity:
 def warm_up(model: LoadedModel) -> None:
     """One generation with the model's own settings; raises if it fails or gives non-finite values."""
     spec = sample_spec(model, None, None, None)
-    label = 0 if model.meta.class_names is not None else None
-    x = run_rows(model, {0: (0, label)}, spec)
-    if not torch.isfinite(x[0]).all():
+    names = model.meta.class_names
+    row = Row(0, label_conditioning(names, 0 if names is not None else None))
+    x = generate_items(model.parts, [row], spec)[row]
+    if not torch.isfinite(x).all():
         raise ValueError(f"warm-up generation of {model.path} gave non-finite values")
 
 
