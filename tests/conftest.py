@@ -13,6 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+from sd_fixtures import (  # noqa: F401  (the tiny Stable Diffusion fixtures, for every test module)
+    offline,
+    sd1_inpaint_pipeline,
+    sd1_pipeline,
+    sd1_single_file,
+    sd2v_pipeline,
+    sdxl_inpaint_pipeline,
+    sdxl_pipeline,
+    sdxl_single_file,
+)
 from sdpipe.config import PipelineConfig, load_config
 from sdpipe.models import ModelMeta, build_unet, save_model, weights_hash
 from sdpipe.models.format import library_versions

@@ -9,9 +9,10 @@ import torch
 from diffusers import UNet2DModel
 
 from conftest import random_model
-from sdpipe.models import load_model, weights_hash
 from sdpipe.conditioning import Conditioning
+from sdpipe.models import load_model, weights_hash
 from sdpipe.sampling import SampleSpec, denoise, make_scheduler
+from sdpipe.sampling.start import Start
 
 
 def test_layout_and_no_pickle(tiny_model_dir: Path) -> None:
@@ -61,8 +62,9 @@ def test_vanilla_diffusers_loads_and_samples(tiny_model_dir: Path) -> None:
     parts = loaded.parts
     encoded = parts.encode([Conditioning(label=str(i)) for i in range(4)], guided=False)
     sched = make_scheduler(spec.sampler, loaded.scheduler_config)
+    sched.set_timesteps(spec.steps)
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
-    ours = denoise(parts, sched, noise, encoded, spec, gens, guided=False)
+    ours = denoise(parts, sched, Start(noise * sched.init_noise_sigma), encoded, spec, gens, guided=False)
     assert torch.isfinite(x).all()
     torch.testing.assert_close(ours, x)
 

@@ -13,20 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_fixtures import (  # noqa: F401  (pytest finds fixtures imported into the module)
+from sd_fixtures import (  # the fixtures themselves come through conftest.py
     BOS_ID,
     EOS_ID,
     PIPELINE_CLASSES,
     byte_tokenizer,
     no_network,
-    offline,
-    sd1_inpaint_pipeline,
-    sd1_pipeline,
-    sd1_single_file,
-    sd2v_pipeline,
-    sdxl_inpaint_pipeline,
-    sdxl_pipeline,
-    sdxl_single_file,
     single_file_folders,
     torch_threads,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_fixtures import no_network, offline  # noqa: F401
+from sd_fixtures import no_network
 from sdpipe.models import single_file_configs as sfc
 
 CLIP_L_TEXT = 123_060_480  # OpenAI CLIP ViT-L/14 text tower (SD 1.x, SDXL's first encoder)

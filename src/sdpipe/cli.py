@@ -18,10 +18,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from sdpipe import sampler_names
 from sdpipe.config import MAX_SEED, PipelineConfig, load_config
 
 if TYPE_CHECKING:
     from sdpipe.models import LoadedModel
+    from sdpipe.models.kinds import AnyModel
     from sdpipe.sampling import SampleSpec
     from sdpipe.train import TrainingInterrupted
 
@@ -145,28 +147,72 @@ def _images_folder(out: Path, overwrite: bool) -> None:
 def generate(
     model: Annotated[str, typer.Option(help=MODEL_HELP)],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and samples.jsonl (new or empty).")],
-    label: Annotated[str, typer.Option(help="Class to draw (e.g. 0..9), or 'all' to cycle through classes.")] = "all",
+    label: Annotated[
+        str | None, typer.Option(help="Pixel-space class models: class to draw (e.g. 0..9), or 'all' to cycle.")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text-to-image models: the prompt of every image.")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Text-to-image models: a file of prompts, one a line; image i takes line i.")
+    ] = None,
+    negative_prompt: Annotated[str, typer.Option(help="What the images should not show (text-to-image).")] = "",
+    width: Annotated[int | None, typer.Option(help="Image width, a multiple of 8 (default: the model's).")] = None,
+    height: Annotated[int | None, typer.Option(help="Image height, a multiple of 8 (default: the model's).")] = None,
     n: Annotated[int, typer.Option(help="Number of images.")] = 10,
     seed: Annotated[int, typer.Option(help=f"Image i uses seed S+i (0..{MAX_SEED}): same seed, same image.")] = 0,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps (default: the model's sample.steps).")] = None,
-    sampler: Annotated[
-        str | None, typer.Option(help="ddpm, ddim, euler, heun, dpmpp_2m, dpmpp_2m_karras, unipc.")
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (default: the model's).")] = None,
+    sampler: Annotated[str | None, typer.Option(help=f"By either name: {sampler_names.choices()}.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance (CFG) scale; 1 = none.")] = None,
+    clip_skip: Annotated[int, typer.Option(help="Text-to-image: text-encoder layers to skip, web-UI style.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (text-to-image models).")] = "float32",
+    micro_batch: Annotated[
+        int | None, typer.Option(help="Rows the network runs at once (default: the model's); part of an image's bits.")
     ] = None,
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale; 1 = none.")] = None,
+    single_file_config: Annotated[
+        str | None,
+        typer.Option(
+            "--config", help="A single-file checkpoint's config: sd15, sd2-v, sd2-base, sdxl-base, ... or a folder."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images held in memory at once; never changes an image.")] = 1000,
     overwrite: ImagesOverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Generate images from a saved model: OUT/00000.png, ... and OUT/samples.jsonl."""
+    """Generate images from a saved model: OUT/00000.png, ... and OUT/samples.jsonl.
+
+    A pixel-space class model takes --label; a Stable Diffusion model (a diffusers folder or one .safetensors
+    file) takes --prompt or --prompts. Image i's noise comes from its own CPU generator seeded S+i, so it is the
+    same whatever --n and --batch-size."""
+    from sdpipe.models.pipelines import LoadedPipeline
     from sdpipe.sampling.files import generate_files
 
     with _user_errors():
         _check_seeds(seed, n)
         _images_folder(out, overwrite)
-        loaded = _load(model)
-        spec = _spec(loaded, steps, sampler, guidance)
+        loaded = _load(model, device, dtype, single_file_config)
+        conditions = None
+        if isinstance(loaded, LoadedPipeline):
+            from sdpipe.sampling.sd_records import prompt_conditions, read_prompts
+
+            if label is not None:
+                raise ValueError("a text-to-image model takes --prompt or --prompts, not --label")
+            texts = read_prompts(prompt, None if prompts is None else str(prompts))
+            conditions = prompt_conditions(
+                loaded, texts, n, negative_prompt=negative_prompt, width=width, height=height, clip_skip=clip_skip
+            )
+        elif prompt is not None or prompts is not None or width is not None or height is not None:
+            raise ValueError("a pixel-space class model takes --label, not prompts or sizes")
+        spec = _spec(loaded, steps, sampler, guidance, micro_batch)
         records = generate_files(
-            loaded, out, label=label, n=n, seed=seed, spec=spec, batch_size=batch_size, show_progress=not quiet
+            loaded,
+            out,
+            label=label or "all",
+            n=n,
+            seed=seed,
+            spec=spec,
+            conditions=conditions,
+            batch_size=batch_size,
+            show_progress=not quiet,
         )
     out_console.print(f"wrote {len(records)} images and samples.jsonl to {out}")
 
@@ -250,7 +296,7 @@ def evaluate(
         names = None if samplers is None else parse_list(samplers, "--samplers")
         counts = check_sweep(names or [], parse_list(steps, "--steps"))
         metrics = evaluate_saved_model(
-            _load(model),  # a registry version's weights hash is checked
+            _load_pixel(model),  # a registry version's weights hash is checked
             out,
             n=n,
             data_source=data,
@@ -278,18 +324,43 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     out_console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
 
 
-def _load(ref: str) -> LoadedModel:
-    """A model from a folder or a registry reference; a registry version's weights hash is checked."""
+def _load(ref: str, device: str = "cpu", dtype: str = "float32", config: str | None = None) -> AnyModel:
+    """A model from a path (any kind sdpipe loads) or a registry reference; a registry version's weights hash
+    is checked."""
+    import torch
+
+    path = Path(ref)
+    if path.is_file() or (path / "model_index.json").is_file():
+        from sdpipe.models.kinds import load_any
+
+        return load_any(path, device, dtype, config)
+    if dtype != "float32":
+        raise ValueError(f"--dtype {dtype}: sdpipe's pixel-space models sample in float32")
+    loaded = _load_pixel(ref)
+    torch.nn.Module.to(loaded.unet, torch.device(device))
+    return loaded
+
+
+def _load_pixel(ref: str) -> LoadedModel:
+    """A pixel-space class model from a folder or a registry reference (its weights hash checked)."""
     from sdpipe.registry import load
 
     return load(ref)
 
 
-def _spec(loaded: LoadedModel, steps: int | None, sampler: str | None, guidance: float | None) -> SampleSpec:
+def _spec(
+    loaded: AnyModel, steps: int | None, sampler: str | None, guidance: float | None, micro_batch: int | None = None
+) -> SampleSpec:
     """The model's own sampling settings (its measured best), with the options given on the command line."""
-    from sdpipe.sampling.generate import model_sample_spec
+    from dataclasses import replace
 
-    return model_sample_spec(loaded.meta.config, loaded.scheduler_config, steps, sampler, guidance)
+    from sdpipe.models.pipelines import LoadedPipeline
+    from sdpipe.sampling.generate import model_sample_spec, pipeline_sample_spec
+
+    if isinstance(loaded, LoadedPipeline):
+        return pipeline_sample_spec(micro_batch or loaded.micro_batch, steps, sampler, guidance)
+    spec = model_sample_spec(loaded.meta.config, loaded.scheduler_config, steps, sampler, guidance)
+    return spec if micro_batch is None else replace(spec, micro_batch=micro_batch)
 
 
 def _print_summary(metrics: dict, out: Path) -> None:
@@ -311,6 +382,9 @@ def _print_summary(metrics: dict, out: Path) -> None:
 from sdpipe.data.cli import app as data_app  # noqa: E402
 
 app.add_typer(data_app, name="data")
+from sdpipe.models.cli import app as models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
 from sdpipe.registry.cli import app as registry_app  # noqa: E402
 
 app.add_typer(registry_app, name="registry")

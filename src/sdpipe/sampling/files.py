@@ -19,6 +19,7 @@ from sdpipe import __version__
 from sdpipe.conditioning import Conditioning
 from sdpipe.data import to_source_range
 from sdpipe.models import LoadedModel, load_model, weights_hash
+from sdpipe.models.pipelines import LoadedPipeline
 from sdpipe.progress import progress_bar
 from sdpipe.sampling.generate import Row, SampleSpec, generate_items
 
@@ -56,46 +57,71 @@ def label_conditioning(class_names: list[str] | None, label: int | None) -> Cond
 
 
 def generate_files(
-    model: LoadedModel,
+    model: LoadedModel | LoadedPipeline,
     out: str | Path,
     *,
-    label: str,
+    label: str = "all",
     n: int,
     seed: int,
     spec: SampleSpec,
+    conditions: list[Conditioning] | None = None,
     batch_size: int = 1000,
     show_progress: bool = True,
 ) -> list[dict]:
     """Generate n images with seeds seed..seed+n-1 into `out`; returns the samples.jsonl records.
 
-    `batch_size` images are held in memory and written at a time; it never changes an image, because the
-    network always runs on fixed micro-batches (see `sdpipe.sampling.generate`)."""
+    Image i is conditioned on `conditions[i]` (text-to-image models), or on the label `label` gives it (pixel
+    class models). `batch_size` images are held in memory and written at a time; it never changes an image,
+    because the network always runs on fixed micro-batches (see `sdpipe.sampling.generate`)."""
     if n < 1:
         raise ValueError("--n must be at least 1")
     if batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    meta = model.meta
-    labels = parse_labels(label, n, meta.class_names)
+    conds = conditions if conditions is not None else pixel_conditions(model, label, n)
+    if len(conds) != n:
+        raise ValueError(f"{n} images but {len(conds)} conditionings")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     parts = model.parts
     with progress_bar("generating", n, show_progress) as advance:
         for start in range(0, n, batch_size):
-            idx = range(start, min(n, start + batch_size))
-            rows = [
-                Row(seed + i, label_conditioning(meta.class_names, None if labels is None else labels[i])) for i in idx
-            ]
+            rows = [Row(seed + i, conds[i]) for i in range(start, min(n, start + batch_size))]
             images = generate_items(parts, rows, spec, progress=advance)
-            x = torch.stack([images[row] for row in rows])
-            for i, px in zip(idx, to_pixels(x, meta.value_range), strict=True):
+            for i, row in enumerate(rows, start):
                 name = f"{i:05d}.png"
-                record = {"file": name, **sample_record(model, None if labels is None else labels[i], seed + i, spec)}
-                (out / name).write_bytes(encode_png(px, png_info(record, model, spec)))
-                records.append(record)
+                data, rec = image_file(model, row, images[row], spec)
+                (out / name).write_bytes(data)
+                records.append({"file": name, **rec})
     with (out / "samples.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return records
+
+
+def pixel_conditions(model: LoadedModel | LoadedPipeline, label: str, n: int) -> list[Conditioning]:
+    """A pixel-space class model's conditionings for --label (text-to-image models take prompts instead)."""
+    if not isinstance(model, LoadedModel):
+        raise ValueError("a text-to-image model takes --prompt or --prompts, not --label")
+    names = model.meta.class_names
+    labels = parse_labels(label, n, names)
+    return [label_conditioning(names, None if labels is None else labels[i]) for i in range(n)]
+
+
+def image_file(
+    model: LoadedModel | LoadedPipeline, row: Row, image: torch.Tensor, spec: SampleSpec
+) -> tuple[bytes, dict]:
+    """One image's PNG bytes (with its metadata chunks) and its samples.jsonl record."""
+    if isinstance(model, LoadedPipeline):
+        from sdpipe.sampling import sd_records
+
+        return encode_png(sd_records.to_rgb8(image), sd_records.png_info(model, row, spec)), sd_records.record(
+            model, row, spec
+        )
+    names = model.meta.class_names
+    label = None if row.cond.label is None or names is None else names.index(row.cond.label)
+    rec = sample_record(model, label, row.seed, spec)
+    px = to_pixels(image[None], model.meta.value_range)[0]
+    return encode_png(px, png_info(rec, model, spec)), rec
 
 
 def sample_record(model: LoadedModel, label: int | None, seed: int, spec: SampleSpec) -> dict:
@@ -152,20 +178,47 @@ def read_png_params(path: str | Path) -> dict:
     return json.loads(text["sdpipe"])
 
 
-def replay(png: str | Path, out: str | Path, model_path: str | Path | LoadedModel | None = None) -> Path:
+def replay(
+    png: str | Path, out: str | Path, model_path: str | Path | LoadedModel | LoadedPipeline | None = None
+) -> Path:
     """Regenerate the image `png` from the parameters it carries, into `out`; returns the new file.
 
-    The model is the one the PNG names (or `model_path`, a folder or an already loaded model); its weights must
-    hash to the recorded value."""
+    The model is the one the PNG names (or `model_path`, a path or an already loaded model); its weights must
+    hash to the recorded value. A text-to-image PNG is made again on the device type and in the dtype it
+    records."""
     p = read_png_params(png)
-    model = model_path if isinstance(model_path, LoadedModel) else load_model(model_path or p["model_path"])
+    spec = SampleSpec(p["sampler"], p["steps"], p["guidance"], p["micro_batch"])
+    if p.get("format") == 2:
+        return _replay_pipeline(p, spec, out, model_path)
+    model = model_path if isinstance(model_path, LoadedModel) else load_model(str(model_path or p["model_path"]))
     found = weights_hash(model.unet)  # the weights themselves, not what sdpipe.json says of them
     if found != p["model_hash"]:
         raise ValueError(
             f"model {model.path} has weights {found}, the image was made with "
             f"{p['model_hash']}: pass the right model with --model"
         )
-    spec = SampleSpec(p["sampler"], p["steps"], p["guidance"], p["micro_batch"])
     label = "all" if p["label"] is None else p["label"]
     generate_files(model, out, label=label, n=1, seed=p["seed"], spec=spec, show_progress=False)
+    return Path(out) / "00000.png"
+
+
+def _replay_pipeline(
+    p: dict, spec: SampleSpec, out: str | Path, model_path: str | Path | LoadedModel | LoadedPipeline | None
+) -> Path:
+    from sdpipe.models.kinds import load_any
+
+    if isinstance(model_path, LoadedModel):
+        raise ValueError(f"the image was made by a {p['kind']} model, not a pixel-space class model")
+    if isinstance(model_path, LoadedPipeline):
+        model: LoadedModel | LoadedPipeline = model_path
+    else:
+        model = load_any(model_path or p["model_path"], device=p["device"], dtype=p["dtype"])
+    if not isinstance(model, LoadedPipeline) or model.hash != p["model_hash"]:
+        found = model.hash if isinstance(model, LoadedPipeline) else "a pixel-space class model"
+        raise ValueError(
+            f"model {model.path} is {found}, the image was made with {p['model_hash']}: "
+            "pass the right model with --model"
+        )
+    cond = Conditioning.model_validate(p["conditioning"])
+    generate_files(model, out, n=1, seed=p["seed"], spec=spec, conditions=[cond], show_progress=False)
     return Path(out) / "00000.png"

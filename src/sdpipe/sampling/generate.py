@@ -29,6 +29,7 @@ from sdpipe.conditioning import Conditioning
 from sdpipe.config import ConfigError, SampleConfig, validate_section
 from sdpipe.models.parts import Encoded, Parts, PixelClassParts
 from sdpipe.sampling.schedulers import Scheduler, make_scheduler, pipeline_scheduler, samplers_for
+from sdpipe.sampling.start import Start, noise_rows, start_batch
 
 # on_step(step index, timestep, x0 prediction (B, C, H, W)) for `denoise`
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -80,15 +81,34 @@ def plan(rows: Sequence[Row], micro_batch: int) -> list[dict[int, Row]]:
     return [b for _, b in batches]
 
 
+# a text-to-image pipeline's defaults: diffusers' (DPM-Solver++ as its docs recommend, guidance 7.5), 20 steps
+PIPELINE_SAMPLE = {"sampler": "dpmpp_2m", "steps": 20, "guidance": 7.5}
+
+
+def pipeline_sample_spec(
+    micro_batch: int, steps: int | None, sampler: str | None, guidance: float | None
+) -> SampleSpec:
+    """A Stable Diffusion pipeline's sampling settings: diffusers' defaults with a user's changes, checked like a
+    config (any sampler of the table applies)."""
+    sample = dict(PIPELINE_SAMPLE, micro_batch=micro_batch)
+    sample.update({k: v for k, v in (("steps", steps), ("sampler", sampler), ("guidance", guidance)) if v is not None})
+    s = validate_section("sample", sample)
+    return SampleSpec(s.sampler, s.steps, s.guidance, s.micro_batch)
+
+
+def row_generators(rows: dict[int, Row], micro_batch: int) -> list[torch.Generator]:
+    """Row r's `torch.Generator("cpu")`, seeded with its image's seed (diffusers' per-image CPU generator
+    convention); a padding row is seeded r (its output is never used). It draws the row's noise, then its
+    sampler noise."""
+    return [torch.Generator("cpu").manual_seed(rows[r].seed if r in rows else r) for r in range(micro_batch)]
+
+
 def row_noise(parts: Parts, rows: dict[int, Row], micro_batch: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """The initial noise and generators of one micro-batch: row r has `torch.Generator("cpu")` seeded with its
-    image's seed and noise `torch.randn(shape, generator=g, dtype=parts.dtype)`, diffusers' per-image CPU
-    generator convention; a padding row is seeded r (its output is never used)."""
-    first = next(iter(rows.values()))
-    shape = parts.sample_shape(first.cond)
-    gens = [torch.Generator("cpu").manual_seed(rows[r].seed if r in rows else r) for r in range(micro_batch)]
-    noise = torch.stack([torch.randn(shape, generator=g, dtype=parts.dtype) for g in gens]).to(parts.device)
-    return noise, gens
+    """The initial noise and generators of one micro-batch that starts from noise: row r's noise is
+    `torch.randn(shape, generator=g_r, dtype=parts.dtype)`."""
+    gens = row_generators(rows, micro_batch)
+    shape = parts.sample_shape(next(iter(rows.values())).cond)
+    return noise_rows(gens, shape, parts.dtype).to(parts.device), gens
 
 
 def new_scheduler(parts: Parts, spec: SampleSpec, seeds: list[int]) -> Scheduler:
@@ -101,11 +121,20 @@ def new_scheduler(parts: Parts, spec: SampleSpec, seeds: list[int]) -> Scheduler
 def run(parts: Parts, rows: dict[int, Row], spec: SampleSpec, on_step: StepCallback | None = None) -> torch.Tensor:
     """One micro-batch of `spec.micro_batch` rows, row r holding `rows[r]`: images in [-1, 1] (m, C, H, W)."""
     m = spec.micro_batch
-    noise, gens = row_noise(parts, rows, m)
-    seeds = [rows[r].seed if r in rows else r for r in range(m)]
+    gens = row_generators(rows, m)
+    conds = [rows[r].cond if r in rows else None for r in range(m)]
+    sched = new_scheduler(parts, spec, [rows[r].seed if r in rows else r for r in range(m)])
+    sched.set_timesteps(spec.steps)
+    if parts.rules.begin_at_zero and hasattr(sched, "set_begin_index"):
+        # Start at step 0 even when the first timesteps repeat (Karras sigmas on a cosine schedule map
+        # several of them to t=998); diffusers would otherwise start at index 1 and run off the end.
+        sched.set_begin_index(0)
+    start = start_batch(parts, conds, gens, sched, spec.steps)
     guided = parts.conditional() and parts.rules.guided(spec.guidance)
-    encoded = parts.encode([rows[r].cond if r in rows else None for r in range(m)], guided)
-    x = denoise(parts, new_scheduler(parts, spec, seeds), noise, encoded, spec, gens, guided, on_step)
+    encoded = parts.encode(conds, guided)
+    if start.extra:  # inputs beside the sample (9-channel inpainting), laid out as the sample is
+        encoded["extra"] = {k: torch.cat([v, v]) if guided else v for k, v in start.extra.items()}
+    x = denoise(parts, sched, start, encoded, spec, gens, guided, on_step)
     return parts.decode(x)
 
 
@@ -113,25 +142,21 @@ def run(parts: Parts, rows: dict[int, Row], spec: SampleSpec, on_step: StepCallb
 def denoise(
     parts: Parts,
     sched: Scheduler,
-    noise: torch.Tensor,
+    start: Start,
     encoded: Encoded,
     spec: SampleSpec,
     generators: list[torch.Generator],
     guided: bool,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Run one fixed-shape batch through the sampler: `noise` (B, C, H, W) -> the sampled batch.
+    """Run one fixed-shape batch through the sampler, its timesteps set: from `start.x` (B, C, H, W) at
+    `start.begin` to the sampled batch.
 
     `on_step`, if given, receives a copy of the clean-image prediction after each step (see `predicted_x0`)."""
-    sched.set_timesteps(spec.steps)
-    if parts.rules.begin_at_zero and hasattr(sched, "set_begin_index"):
-        # Start at step 0 even when the first timesteps repeat (Karras sigmas on a cosine schedule map
-        # several of them to t=998); diffusers would otherwise start at index 1 and run off the end.
-        sched.set_begin_index(0)
     # stochastic samplers draw their noise per row from the row's own generator
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
-    x = noise * sched.init_noise_sigma
-    for i, t in enumerate(sched.timesteps):
+    x = start.x
+    for i, t in enumerate(sched.timesteps[start.begin :]):
         inp = sched.scale_model_input(x, t)
         if guided:
             inp = torch.cat([inp, inp])
@@ -144,6 +169,8 @@ def denoise(
         if on_step is not None:
             on_step(i, t, predicted_x0(step, out, inp[: len(x)], x, t, sched))
         x = step.prev_sample
+        if start.constraint is not None:
+            x = start.constraint(x, i)
     return x
 
 

@@ -1,0 +1,176 @@
+"""`sdpipe generate` / `replay` / `models inspect` on tiny Stable Diffusion folders and single files: flags,
+samples.jsonl, the web-UI PNG metadata (read by sd-parsers), bitwise replay, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from sd_fixtures import torch_threads
+from sdpipe.cli import app
+from sdpipe.sampling.infotext import parse_parameters
+
+pytestmark = pytest.mark.usefixtures("offline")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+def generate(model: Path, out: Path, *args: str) -> list[dict]:
+    result = runner.invoke(app, ["generate", "--model", str(model), "--out", str(out), "--quiet", *args])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+BASE = ["--width", "32", "--height", "32", "--steps", "3", "--sampler", "Euler a", "--guidance", "5"]
+
+
+def test_generate_records_everything_and_images_do_not_depend_on_n(sdxl_pipeline: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\nthree green squares\n")
+    recs = generate(
+        sdxl_pipeline,
+        tmp_path / "a",
+        "--prompts",
+        str(prompts),
+        "--n",
+        "3",
+        "--seed",
+        "5",
+        "--negative-prompt",
+        "blurry",
+        *BASE,
+    )
+    assert [r["prompt"] for r in recs] == ["a red circle", "three green squares", "a red circle"]
+    r = recs[1]
+    assert (r["seed"], r["steps"], r["sampler"], r["guidance"], r["width"], r["height"]) == (
+        6,
+        3,
+        "euler_a",
+        5.0,
+        32,
+        32,
+    )
+    assert r["negative_prompt"] == "blurry" and r["model"].startswith("sha256:") and r["loras"] == []
+    # image 1 alone (seed 6) and inside another batch size: the same bytes
+    generate(
+        sdxl_pipeline,
+        tmp_path / "b",
+        "--prompt",
+        "three green squares",
+        "--n",
+        "1",
+        "--seed",
+        "6",
+        "--negative-prompt",
+        "blurry",
+        *BASE,
+    )
+    generate(
+        sdxl_pipeline,
+        tmp_path / "c",
+        "--prompts",
+        str(prompts),
+        "--n",
+        "3",
+        "--seed",
+        "5",
+        "--negative-prompt",
+        "blurry",
+        "--batch-size",
+        "2",
+        *BASE,
+    )
+    first = (tmp_path / "a" / "00001.png").read_bytes()
+    assert first == (tmp_path / "b" / "00000.png").read_bytes() == (tmp_path / "c" / "00001.png").read_bytes()
+    with Image.open(tmp_path / "a" / "00001.png") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+        params = parse_parameters(im.text["parameters"])
+    assert params["prompt"] == "three green squares" and params["negative_prompt"] == "blurry"
+    assert (params["Steps"], params["Sampler"], params["CFG scale"], params["Seed"], params["Size"]) == (
+        "3",
+        "Euler a",
+        "5.0",
+        "6",
+        "32x32",
+    )
+    assert params["Model hash"] == r["model"].removeprefix("sha256:")[:10]
+
+
+def test_third_party_reader_and_bitwise_replay(sd1_pipeline: Path, tmp_path: Path) -> None:
+    from sd_parsers import ParserManager
+
+    generate(
+        sd1_pipeline,
+        tmp_path / "a",
+        "--prompt",
+        "a blue triangle",
+        "--n",
+        "2",
+        "--seed",
+        "40",
+        "--clip-skip",
+        "2",
+        *BASE,
+    )
+    png = tmp_path / "a" / "00001.png"
+    info = ParserManager().parse(str(png))
+    assert info is not None and info.full_prompt == "a blue triangle"
+    sampler = info.samplers[0]
+    assert sampler.name == "Euler a" and sampler.parameters["seed"] == "41" and sampler.parameters["steps"] == "3"
+    result = runner.invoke(app, ["replay", str(png), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "00000.png").read_bytes() == png.read_bytes()
+
+
+def test_single_file_generates_as_its_folder(sd1_single_file: Path, tmp_path: Path) -> None:
+    """A web-UI checkpoint with a config folder gives the images its diffusers folder gives."""
+    from sd_fixtures import single_file_folders
+
+    weights, config = single_file_folders(sd1_single_file)
+    generate(sd1_single_file, tmp_path / "f", "--prompt", "a cat", "--n", "1", "--config", str(config), *BASE)
+    generate(weights, tmp_path / "d", "--prompt", "a cat", "--n", "1", *BASE)
+    with Image.open(tmp_path / "f" / "00000.png") as a, Image.open(tmp_path / "d" / "00000.png") as b:
+        assert list(a.getdata()) == list(b.getdata())
+    result = runner.invoke(app, ["models", "inspect", str(sd1_single_file)])
+    assert result.exit_code == 0 and "sd-single-file" in result.output and "sd1" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--label", "3", "--prompt", "x"], "not --label"),
+        ([], "one of --prompt TEXT or --prompts FILE"),
+        (["--prompt", "a (cat:1.2)"], "prompt weighting"),
+        (["--prompt", "x", "--width", "30"], "--width 30: give a multiple of 8"),
+        (["--prompt", "x", "--sampler", "plms"], "unknown sampler 'plms'"),
+        (["--prompt", "x", "--dtype", "float8"], "--dtype 'float8'"),
+    ],
+)
+def test_bad_requests_are_one_line_errors(sd1_pipeline: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["generate", "--model", str(sd1_pipeline), "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("error:") == 1 and "Traceback" not in result.output
+
+
+def test_pickles_and_loras_given_as_models_are_refused(tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    result = runner.invoke(app, ["generate", "--model", str(ckpt), "--out", str(tmp_path / "o"), "--prompt", "x"])
+    assert result.exit_code == 2 and "pickle" in result.output and "safetensors" in result.output
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, str(lora))
+    result = runner.invoke(app, ["generate", "--model", str(lora), "--out", str(tmp_path / "o"), "--prompt", "x"])
+    assert result.exit_code == 2 and "LoRA" in result.output and "--lora" in result.output
