@@ -51,7 +51,7 @@ RunOverwriteOpt = Annotated[
 ImagesOverwriteOpt = Annotated[bool, typer.Option(help="Remove the PNGs and samples.jsonl already in OUT first.")]
 # what a user can get wrong: a bad value or setting (ConfigError, DataError, RegistryError are ValueErrors),
 # a missing or unusable file or folder (OSError)
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, MemoryError)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -163,6 +163,11 @@ def generate(
     sampler: Annotated[str | None, typer.Option(help=f"By either name: {sampler_names.choices()}.")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance (CFG) scale; 1 = none.")] = None,
     clip_skip: Annotated[int, typer.Option(help="Text-to-image: text-encoder layers to skip, web-UI style.")] = 1,
+    image: Annotated[Path | None, typer.Option(help="img2img/inpainting: the input image (PNG, JPEG, WebP).")] = None,
+    strength: Annotated[
+        float | None, typer.Option(help="How much of --image to repaint, (0, 1] (default 0.8; 1.0 with --mask).")
+    ] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting: white = repaint, black = keep (with --image).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or mps.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (text-to-image models).")] = "float32",
     micro_batch: Annotated[
@@ -174,6 +179,8 @@ def generate(
             "--config", help="A single-file checkpoint's config: sd15, sd2-v, sd2-base, sdxl-base, ... or a folder."
         ),
     ] = None,
+    vae_tiling: Annotated[bool, typer.Option(help="Decode in tiles: for sizes whose decode would not fit.")] = False,
+    attention_slicing: Annotated[bool, typer.Option(help="Attention in slices: less memory, a little slower.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images held in memory at once; never changes an image.")] = 1000,
     overwrite: ImagesOverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -192,15 +199,27 @@ def generate(
         loaded = _load(model, device, dtype, single_file_config)
         conditions = None
         if isinstance(loaded, LoadedPipeline):
+            from sdpipe.inputs import register_file
             from sdpipe.sampling.sd_records import prompt_conditions, read_prompts
+
+            loaded.save_memory(vae_tiling, attention_slicing)
 
             if label is not None:
                 raise ValueError("a text-to-image model takes --prompt or --prompts, not --label")
             texts = read_prompts(prompt, None if prompts is None else str(prompts))
             conditions = prompt_conditions(
-                loaded, texts, n, negative_prompt=negative_prompt, width=width, height=height, clip_skip=clip_skip
+                loaded,
+                texts,
+                n,
+                negative_prompt=negative_prompt,
+                width=width,
+                height=height,
+                clip_skip=clip_skip,
+                init=None if image is None else register_file(image, "--image"),
+                mask=None if mask is None else register_file(mask, "--mask"),
+                strength=strength,
             )
-        elif prompt is not None or prompts is not None or width is not None or height is not None:
+        elif any(v is not None for v in (prompt, prompts, width, height, image, mask, strength)) or vae_tiling:
             raise ValueError("a pixel-space class model takes --label, not prompts or sizes")
         spec = _spec(loaded, steps, sampler, guidance, micro_batch)
         records = generate_files(

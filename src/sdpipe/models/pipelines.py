@@ -71,7 +71,21 @@ class LoadedPipeline:
     hash: str
     kind: str = "sd-pipeline"
     micro_batch: int = 1  # no padding rows on a CPU; GPU users raise it
+    memory: dict[str, bool] = field(default_factory=lambda: {"vae_tiling": False, "attention_slicing": False})
     _parts: PipelineParts | None = field(default=None, repr=False)
+
+    def save_memory(self, vae_tiling: bool = False, attention_slicing: bool = False) -> None:
+        """diffusers' memory savers for sizes that would not fit: the VAE decodes in overlapping tiles, attention
+        runs in slices. Both change an image's last bits, so the PNG records them and replay sets them again."""
+        if vae_tiling:
+            self.pipe.vae.enable_tiling()
+        else:
+            self.pipe.vae.disable_tiling()
+        if attention_slicing:
+            self.pipe.enable_attention_slicing()
+        else:
+            self.pipe.disable_attention_slicing()
+        self.memory = {"vae_tiling": vae_tiling, "attention_slicing": attention_slicing}
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -261,7 +275,13 @@ class PipelineParts:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1], row by row (so a row never depends on its batch); a non-finite
         half-precision decode is redone in float32 and logged (the black images SD tools are known for)."""
-        return torch.cat([self._decode_row(x[i : i + 1]) for i in range(len(x))])
+        try:
+            return torch.cat([self._decode_row(x[i : i + 1]) for i in range(len(x))])
+        except torch.OutOfMemoryError:
+            raise MemoryError(
+                "the VAE decode ran out of device memory: pass --vae-tiling (and --attention-slicing), "
+                "or a smaller --width/--height"
+            ) from None
 
     def _decode_row(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae

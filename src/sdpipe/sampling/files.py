@@ -219,6 +219,7 @@ def _replay_pipeline(
             f"model {model.path} is {found}, the image was made with {p['model_hash']}: "
             "pass the right model with --model"
         )
+    model.save_memory(**p.get("memory", {}))
     cond = Conditioning.model_validate(p["conditioning"])
     generate_files(model, out, n=1, seed=p["seed"], spec=spec, conditions=[cond], show_progress=False)
     return Path(out) / "00000.png"

@@ -16,7 +16,8 @@ import torch
 from PIL import PngImagePlugin
 
 from sdpipe import __version__
-from sdpipe.conditioning import Conditioning
+from sdpipe.conditioning import Conditioning, DataRef
+from sdpipe.inputs import load_image
 from sdpipe.models.pipelines import LoadedPipeline
 from sdpipe.sampler_names import SAMPLERS
 from sdpipe.sampling.generate import Row, SampleSpec
@@ -51,6 +52,9 @@ def record(model: LoadedPipeline, row: Row, spec: SampleSpec) -> dict[str, Any]:
         "sampler": spec.sampler,
         "guidance": spec.guidance,
         "clip_skip": c.clip_skip,
+        "image": None if c.init is None else c.init.sha256,
+        "mask": None if c.mask is None else c.mask.sha256,
+        "strength": c.strength,
         "loras": [{"ref": lo.ref, "weight": lo.weight, "sha256": lo.sha256} for lo in c.loras],
         "model": model.hash,
     }
@@ -71,6 +75,7 @@ def png_info(model: LoadedPipeline, row: Row, spec: SampleSpec) -> PngImagePlugi
         height=height,
         model_hash=model.hash.removeprefix("sha256:")[:10],
         model=model.path.stem,
+        denoising_strength=_strength(c),
         clip_skip=c.clip_skip,
         version=f"sdpipe {__version__}",
     )
@@ -85,6 +90,7 @@ def png_info(model: LoadedPipeline, row: Row, spec: SampleSpec) -> PngImagePlugi
         "steps": spec.steps,
         "guidance": spec.guidance,
         "micro_batch": spec.micro_batch,
+        "memory": model.memory,
         "device": model.parts.device.type,
         "dtype": str(model.parts.dtype).removeprefix("torch."),
         "versions": versions(),
@@ -93,6 +99,13 @@ def png_info(model: LoadedPipeline, row: Row, spec: SampleSpec) -> PngImagePlugi
     info.add_text("parameters", params)
     info.add_text("sdpipe", json.dumps(exact))
     return info
+
+
+def _strength(c: Conditioning) -> float | None:
+    """The web UIs' `Denoising strength` of an img2img/inpainting image (the pipelines' defaults: 0.8, 1.0)."""
+    if c.init is None:
+        return None
+    return c.strength if c.strength is not None else (1.0 if c.mask is not None else 0.8)
 
 
 def versions() -> dict[str, str]:
@@ -137,17 +150,46 @@ def prompt_conditions(
     width: int | None = None,
     height: int | None = None,
     clip_skip: int = 1,
+    init: DataRef | None = None,
+    mask: DataRef | None = None,
+    strength: float | None = None,
 ) -> list[Conditioning]:
     """The conditioning of images 0..n-1: image i takes prompt i mod len(prompts). Sizes must be multiples of
-    8 (the VAE's factor, and what the pipelines check)."""
+    8 (the VAE's factor, and what the pipelines check); with an input image (img2img, inpainting) they default
+    to its size, rounded down to a multiple of 8."""
     for name, value in (("--width", width), ("--height", height)):
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"{name} {value}: give a multiple of 8 (at least 8)")
+    _check_inputs(model, init, mask, strength)
+    if init is not None and (width is None or height is None):
+        w, h = load_image(init).size
+        width, height = width or max(8, w // 8 * 8), height or max(8, h // 8 * 8)
     conds = [
-        Conditioning(prompt=p, negative_prompt=negative_prompt, width=width, height=height, clip_skip=clip_skip)
+        Conditioning(
+            prompt=p,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            clip_skip=clip_skip,
+            init=init,
+            mask=mask,
+            strength=strength,
+        )
         for p in prompts
     ]
     for c in conds:  # refused before any work: weighting syntax, prompts past the window
         model.parts.check_prompt(c.prompt or "")
         model.parts.check_prompt(c.negative_prompt, "negative prompt")
     return [conds[i % len(conds)] for i in range(n)]
+
+
+def _check_inputs(model: LoadedPipeline, init: DataRef | None, mask: DataRef | None, strength: float | None) -> None:
+    """img2img and inpainting options that go together, and what an inpainting UNet needs."""
+    if mask is not None and init is None:
+        raise ValueError("--mask needs --image: the mask marks which part of that image to repaint")
+    if strength is not None and init is None:
+        raise ValueError("--strength applies to an input image: give --image too")
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise ValueError(f"--strength {strength}: give a number in (0, 1] (1 = repaint fully)")
+    if model.parts.in_channels == 9 and mask is None:
+        raise ValueError(f"{model.path} is an inpainting model: give --image and --mask")
