@@ -30,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sdpipe.models.hashes import cache_dir
+
 FEATURE_NET_VERSION = "featnet-v1"  # bump when the architecture or the training recipe changes
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
@@ -40,11 +42,6 @@ class FeatureExtractor(Protocol):
     description: str
 
     def features(self, pixels: np.ndarray) -> np.ndarray: ...
-
-
-def cache_dir() -> Path:
-    """Where trained feature networks and real-data features are kept: $SDPIPE_CACHE_DIR or ~/.cache/sdpipe."""
-    return Path(os.environ.get("SDPIPE_CACHE_DIR", Path.home() / ".cache" / "sdpipe"))
 
 
 def source_to_pixels(images: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:

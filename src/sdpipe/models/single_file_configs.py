@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdpipe import __version__
+from sdpipe.models.hashes import cache_dir
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -51,11 +52,6 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 STAMP = ".sdpipe-template"
 """A file in each written folder holding the hash of the template it came from, so an edited template (same
 sdpipe version, e.g. during development) replaces a stale cached folder instead of being shadowed by it."""
-
-
-def cache_dir() -> Path:
-    """Where sdpipe keeps caches: $SDPIPE_CACHE_DIR, or ~/.cache/sdpipe (the same rule as the rest of sdpipe)."""
-    return Path(os.environ.get("SDPIPE_CACHE_DIR", Path.home() / ".cache" / "sdpipe"))
 
 
 def _templates() -> Path:
