@@ -45,6 +45,8 @@ from typing import Any
 
 import pytest
 
+from sdpipe.models.single_file_configs import bytes_to_unicode
+
 KINDS: tuple[str, ...] = ("sd1", "sd2-v", "sdxl", "sd1-inpaint", "sdxl-inpaint")
 
 PIPELINE_CLASSES: dict[str, str] = {
@@ -76,18 +78,6 @@ SD_SCALING, SDXL_SCALING = 0.18215, 0.13025
 
 
 # --------------------------------------------------------------------------- tokenizer
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's byte -> printable character table (printable bytes first, the rest shifted to 256 and up)."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def byte_tokenizer(folder: Path | str, pad_token: str = "<|endoftext|>") -> Any:
