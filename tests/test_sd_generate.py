@@ -139,3 +139,18 @@ def test_prompts_it_cannot_read_as_written_are_refused(pipelines: dict[str, Load
         spec,
     )
     assert next(iter(escaped.values())).shape == next(iter(plain.values())).shape
+
+
+def test_an_lcm_unet_takes_guidance_as_an_embedding_like_diffusers(sd1_pipeline: Path, tmp_path: Path) -> None:
+    """An LCM-distilled UNet (`time_cond_proj_dim`) runs no CFG; the guidance scale reaches it as `timestep_cond`."""
+    from diffusers import UNet2DConditionModel
+
+    base = load_pipeline(sd1_pipeline)
+    torch.manual_seed(0)
+    base.pipe.unet = UNet2DConditionModel.from_config({**base.pipe.unet.config, "time_cond_proj_dim": 8})
+    base.pipe.save_pretrained(tmp_path / "lcm", safe_serialization=True)
+    model = load_pipeline(tmp_path / "lcm")
+    rows = [Row(2, Conditioning(prompt="a cat", width=32, height=32))]
+    a, b = SampleSpec("lcm", 3, 6.0, 1), SampleSpec("lcm", 3, 2.0, 1)
+    torch.testing.assert_close(ours(model, rows, a).clamp(-1, 1), vanilla(model, rows, a), atol=2e-4, rtol=0)
+    assert (ours(model, rows, a) - ours(model, rows, b)).abs().max() > 1e-4  # the scale reaches the network

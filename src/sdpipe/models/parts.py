@@ -61,6 +61,15 @@ class Parts(Protocol):
         """Whether the model takes conditioning at all (else guidance never runs)."""
         ...
 
+    @property
+    def embeds_guidance(self) -> bool:
+        """Whether the network takes the guidance scale as an input (LCM UNets) instead of running CFG."""
+        ...
+
+    def guidance_inputs(self, guidance: float, batch: int) -> Encoded:
+        """Denoiser inputs made from the guidance scale (LCM's `timestep_cond`); usually none."""
+        ...
+
     def sample_shape(self, cond: Conditioning) -> tuple[int, ...]:
         """The shape of one row's initial noise, (C, H, W) in the denoiser's space."""
         ...
@@ -103,6 +112,11 @@ class PixelClassParts:
 
     def conditional(self) -> bool:
         return self.class_names is not None
+
+    embeds_guidance = False
+
+    def guidance_inputs(self, guidance: float, batch: int) -> Encoded:
+        return {}
 
     def sample_shape(self, cond: Conditioning) -> tuple[int, ...]:
         return self.shape

@@ -149,6 +149,20 @@ class PipelineParts:
     def conditional(self) -> bool:
         return True
 
+    @property
+    def embeds_guidance(self) -> bool:
+        """An LCM-distilled UNet takes the guidance scale as an embedding (`time_cond_proj_dim`), not as CFG."""
+        return self.unet.config.time_cond_proj_dim is not None
+
+    def guidance_inputs(self, guidance: float, batch: int) -> Encoded:
+        """The LCM UNet's `timestep_cond`, as diffusers' pipelines make it from (guidance - 1); none otherwise."""
+        if not self.embeds_guidance:
+            return {}
+        w = torch.tensor(guidance - 1).repeat(batch)
+        dim = self.unet.config.time_cond_proj_dim
+        cond = self.pipe.get_guidance_scale_embedding(w, embedding_dim=dim)
+        return {"timestep_cond": cond.to(device=self.device, dtype=self.dtype)}
+
     def size(self, cond: Conditioning) -> tuple[int, int]:
         """(height, width) in pixels: the conditioning's, else the UNet's native size."""
         default = int(self.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
@@ -269,6 +283,7 @@ class PipelineParts:
             x,
             t,
             encoder_hidden_states=encoded["encoder_hidden_states"],
+            timestep_cond=encoded.get("timestep_cond"),
             added_cond_kwargs=encoded.get("added_cond_kwargs"),
         ).sample
 

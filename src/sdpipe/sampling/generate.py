@@ -130,8 +130,8 @@ def run(parts: Parts, rows: dict[int, Row], spec: SampleSpec, on_step: StepCallb
         # several of them to t=998); diffusers would otherwise start at index 1 and run off the end.
         sched.set_begin_index(0)
     start = start_batch(parts, conds, gens, sched, spec.steps)
-    guided = parts.conditional() and parts.rules.guided(spec.guidance)
-    encoded = parts.encode(conds, guided)
+    guided = parts.conditional() and parts.rules.guided(spec.guidance) and not parts.embeds_guidance
+    encoded = parts.encode(conds, guided) | parts.guidance_inputs(spec.guidance, m)
     if start.extra:  # inputs beside the sample (9-channel inpainting), laid out as the sample is
         encoded["extra"] = {k: torch.cat([v, v]) if guided else v for k, v in start.extra.items()}
     x = denoise(parts, sched, start, encoded, spec, gens, guided, on_step)
