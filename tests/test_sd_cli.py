@@ -133,17 +133,31 @@ def test_third_party_reader_and_bitwise_replay(sd1_pipeline: Path, tmp_path: Pat
     assert (tmp_path / "r" / "00000.png").read_bytes() == png.read_bytes()
 
 
-def test_single_file_generates_as_its_folder(sd1_single_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fixture", ["sd1_single_file", "sdxl_single_file"])
+def test_single_file_generates_as_its_folder(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """A web-UI checkpoint with a config folder gives the images its diffusers folder gives."""
     from sd_fixtures import single_file_folders
 
-    weights, config = single_file_folders(sd1_single_file)
-    generate(sd1_single_file, tmp_path / "f", "--prompt", "a cat", "--n", "1", "--config", str(config), *BASE)
+    file = request.getfixturevalue(fixture)
+    weights, config = single_file_folders(file)
+    generate(file, tmp_path / "f", "--prompt", "a cat", "--n", "1", "--config", str(config), *BASE)
     generate(weights, tmp_path / "d", "--prompt", "a cat", "--n", "1", *BASE)
     with Image.open(tmp_path / "f" / "00000.png") as a, Image.open(tmp_path / "d" / "00000.png") as b:
         assert list(a.getdata()) == list(b.getdata())
-    result = runner.invoke(app, ["models", "inspect", str(sd1_single_file)])
-    assert result.exit_code == 0 and "sd-single-file" in result.output and "sd1" in result.output
+    result = runner.invoke(app, ["models", "inspect", str(file)])
+    assert result.exit_code == 0 and "sd-single-file" in result.output
+    assert ("sdxl" if "sdxl" in fixture else "sd1") in result.output
+
+
+def test_a_single_file_that_does_not_fit_its_shipped_config_is_refused_offline(
+    sd1_single_file: Path, tmp_path: Path
+) -> None:
+    """Without --config the shipped SD 1.5 config is used (no download); a tiny model does not fit it."""
+    result = runner.invoke(
+        app, ["generate", "--model", str(sd1_single_file), "--out", str(tmp_path / "o"), "--prompt", "x"]
+    )
+    assert result.exit_code == 2 and "do not fit the config it was loaded with (sd15)" in result.output
+    assert "--config" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(

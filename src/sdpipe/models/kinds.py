@@ -86,10 +86,19 @@ def load_single_file(
     cls_name, folder = single_file_config(architecture, config)
     cls = getattr(diffusers, cls_name)
     extra = {"safety_checker": None} if "safety_checker" in cls._optional_components else {}
-    with _LOAD_LOCK:
-        pipe = cls.from_single_file(
-            str(path), config=str(folder), local_files_only=True, torch_dtype=dtype_of(dtype), **extra
-        )
+    try:
+        with _LOAD_LOCK:
+            pipe = cls.from_single_file(
+                str(path), config=str(folder), local_files_only=True, torch_dtype=dtype_of(dtype), **extra
+            )
+    except ValueError as exc:
+        if "expected shape" not in str(exc):
+            raise
+        raise ValueError(
+            f"{path} looks like a {architecture} checkpoint, but its weights do not fit the config it was loaded with "
+            f"({folder.name}): {str(exc).split(' If you want')[0]}; pass --config with the right one "
+            "(sd15, sd2-v, sd2-base, sdxl-base, ...) or a diffusers folder of the same architecture"
+        ) from None
     missing = [  # diffusers leaves weights it did not find on the meta device, with only a log line
         name
         for name, part in pipe.components.items()
