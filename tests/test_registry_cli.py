@@ -45,7 +45,16 @@ def test_register_alias_rollback_show_list_history(tmp_path: Path) -> None:
     text = invoke("show", "digits:1", env=env).stdout
     assert "fd_ratio" in text and str(a.resolve()) in text
     listed = json.loads(invoke("list", "--json", env=env).stdout)
-    assert listed == [{"name": "digits", "versions": 2, "latest": 2, "aliases": {"production": 2}}]
+    assert listed == [
+        {
+            "name": "digits",
+            "versions": 2,
+            "latest": 2,
+            "aliases": {"production": 2},
+            "kind": "pixel-class",
+            "architecture": "unet2d",
+        }
+    ]
     log = json.loads(invoke("history", "digits", "--json", env=env).stdout)
     assert [e["action"] for e in log] == ["register", "register", "register", "alias", "alias", "rollback"]
     assert all(e["user"] == "carol" and e["time"] for e in log)

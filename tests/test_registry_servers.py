@@ -141,3 +141,11 @@ def test_racing_registrations(db_url: str, tmp_path: Path, monkeypatch, same_mod
     assert sorted(v.version for v in found) == expected  # type: ignore[attr-defined]
     for reg in opened:
         reg.engine.dispose()
+
+
+def test_an_older_database_gets_the_new_columns(db_url: str, tmp_path: Path, sd1_pipeline: Path) -> None:
+    """`ALTER TABLE versions ADD COLUMN` for kind, architecture, ... on the server, by several openers at once."""
+    from test_registry_sd import check_migrated, make_old_database
+
+    make_old_database(db_url)
+    check_migrated(db_url, tmp_path / "store", sd1_pipeline)

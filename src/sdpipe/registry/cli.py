@@ -1,5 +1,8 @@
 """`sdpipe registry ...`: register model versions, move aliases, roll back, and read the log.
 
+A version is an sdpipe model folder, a diffusers Stable Diffusion folder, a web-UI single-file checkpoint or a
+LoRA file (`register --base REF` records the model a LoRA was made for).
+
 Every command takes `--registry-url` (env `SDPIPE_REGISTRY_URL`; default a SQLite file under
 `$SDPIPE_HOME/registry`) and `--store` (env `SDPIPE_REGISTRY_STORE`), and `--json` for scripts.
 """
@@ -13,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sdpipe.registry.names import RegistryError
@@ -86,22 +90,51 @@ def _json(data: Any) -> None:
 
 @app.command()
 def register(
-    model_dir: Annotated[Path, typer.Argument(help="Model directory (as written by sdpipe train or demo).")],
+    model_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Model directory (as written by sdpipe train or demo), diffusers Stable Diffusion folder, "
+            "single-file .safetensors checkpoint, or LoRA .safetensors file.",
+            metavar="MODEL",
+        ),
+    ],
     name: Annotated[str, typer.Option(help="Model name: lowercase letters, digits, '.', '_', '-'.")],
     metrics: Annotated[
         Path | None,
-        typer.Option(help="Metrics JSON to record (default: metrics.json beside MODEL_DIR, if there)."),
+        typer.Option(help="Metrics JSON to record (default for sdpipe models: metrics.json beside MODEL, if there)."),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="A LoRA's base model, a registry reference or a path: its hash is recorded (default: the hash "
+            "the LoRA's metadata records, else unknown).",
+            show_default=False,
+        ),
     ] = None,
     registry_url: UrlOpt = None,
     store: StoreOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Copy MODEL_DIR into the registry as the next version of NAME (same weights: the existing version)."""
-    version = _on(registry_url, store, lambda reg: reg.register(model_dir, name, metrics=metrics))
+    """Copy MODEL into the registry as the next version of NAME (same weights: the existing version)."""
+    from sdpipe.registry.loras import describe_base
+
+    version = _on(registry_url, store, lambda reg: reg.register(model_dir, name, metrics=metrics, base=base))
     if json_:
         return _json(version.to_dict())
     state = "registered" if version.created else "already registered (same weights) as"
-    out_console.print(f"{state} {version.ref}  {version.weights_hash}  {version.path}", highlight=False)
+    if version.kind == "pixel-class":
+        out_console.print(f"{state} {version.ref}  {version.weights_hash}  {version.path}", highlight=False)
+        return
+    what = f"{version.kind} {version.architecture}  {version.weights_hash[:23]}"
+    out_console.print(f"{state} {version.ref}  {what}  {version.model_path}", highlight=False)
+    if version.kind == "lora":
+        out_console.print(f"  made for the base {describe_base(version.base)}", highlight=False)
+        if not (version.base or {}).get("hash"):
+            out_console.print(
+                "  note: with its base unknown, only its architecture can be checked against a base model "
+                "(register --base REF records one)",
+                highlight=False,
+            )
 
 
 @app.command()
@@ -138,13 +171,14 @@ def list_models(registry_url: UrlOpt = None, store: StoreOpt = None, json_: Json
     if json_:
         return _json([m.to_dict() for m in models])
     if not models:
-        out_console.print("no models registered yet (sdpipe registry register MODEL_DIR --name NAME)")
+        out_console.print("no models registered yet (sdpipe registry register MODEL --name NAME)")
         return
     table = Table()
-    for col in ("name", "versions", "latest", "aliases"):
+    for col in ("name", "kind", "architecture", "versions", "latest", "aliases"):
         table.add_column(col)
     for m in models:
-        table.add_row(m.name, str(m.versions), str(m.latest), ", ".join(f"{a}→{v}" for a, v in m.aliases.items()))
+        moved = ", ".join(f"{a}→{v}" for a, v in m.aliases.items())
+        table.add_row(m.name, m.kind, m.architecture, str(m.versions), str(m.latest), moved)
     out_console.print(table)
 
 
@@ -183,16 +217,18 @@ def history(
 
 @app.command()
 def verify(ref: RefArg, registry_url: UrlOpt = None, store: StoreOpt = None) -> None:
-    """Check that a stored version is unchanged: its files' content hash and its weights hash."""
+    """Check that a stored version is unchanged: its files' content hash and its weights hash (sha256)."""
     from sdpipe.registry.names import parse_ref
 
     def verify_and_load(reg: Registry) -> Version:
-        version = reg.verify(parse_ref(ref))
-        reg.load(version.ref)
+        version = reg.verify(parse_ref(ref))  # a Stable Diffusion model's or LoRA's sha256 too
+        if version.kind == "pixel-class":
+            reg.load(version.ref)  # its weights hash is of the loaded weights
         return version
 
     version = _on(registry_url, store, verify_and_load, code=1)
-    out_console.print(f"{version.ref} is intact: {version.content_hash}, weights {version.weights_hash}")
+    label = "weights" if version.kind == "pixel-class" else version.kind
+    out_console.print(f"{version.ref} is intact: {version.content_hash}, {label} {version.weights_hash}")
 
 
 def _print_move(move: AliasMove, as_json: bool) -> None:
@@ -206,21 +242,49 @@ def _print_move(move: AliasMove, as_json: bool) -> None:
 
 
 def _print_version(v: Version) -> None:
+    from sdpipe.registry.loras import describe_base
+
     lineage = v.lineage
     metrics = lineage.get("metrics")
     keys = ", ".join(metrics) if isinstance(metrics, dict) else type(metrics).__name__
     rows = {
         "version": v.ref,
+        "kind": f"{v.kind} ({v.architecture})",
         "aliases": ", ".join(v.aliases) or "-",
-        "path": str(v.path),
-        "weights hash": v.weights_hash,
-        "content hash": v.content_hash,
-        "dataset": v.dataset_id,
+        "path": str(v.model_path),
+    }
+    if v.kind == "pixel-class":
+        rows["weights hash"] = v.weights_hash
+    else:
+        identity = v.identity or {}
+        rows["sha256"] = v.weights_hash
+        rows["web-UI hash"] = v.short_hash
+        if identity.get("prediction_type"):
+            rows["prediction"] = identity["prediction_type"]
+        rows["components"] = ", ".join(_component(c) for c in identity.get("components", [])) or "-"
+    if v.kind == "lora":
+        rows["base"] = describe_base(v.base)
+    rows["content hash"] = v.content_hash
+    if v.kind != "pixel-class":  # a pixel-space model is small, and named by its weights hash (size: --json)
+        rows["size"] = "-" if v.size_bytes is None else f"{v.size_bytes:,} bytes"
+    rows |= {
+        "dataset": v.dataset_id or "-",
         "registered": f"{v.created_at} by {v.user}",
         "source": lineage.get("source") or "-",
         "git commit": lineage.get("git_commit") or "-",
-        "libraries": ", ".join(f"{k} {val}" for k, val in (lineage.get("versions") or {}).items()),
+        "libraries": ", ".join(f"{k} {val}" for k, val in (lineage.get("versions") or {}).items()) or "-",
         "metrics": "-" if metrics is None else f"{lineage.get('metrics_file')} ({keys})",
     }
+    for note in (v.identity or {}).get("notes", []):
+        rows.setdefault("notes", note)
+        if rows["notes"] != note:
+            rows["notes"] += f"; {note}"
     for key, value in rows.items():
-        out_console.print(f"[bold]{key:>13}[/]  {value}", highlight=False)
+        out_console.print(f"[bold]{key:>13}[/]  {escape(str(value))}", highlight=False)
+
+
+def _component(c: dict[str, Any]) -> str:
+    """'unet (float16, 859,520,964 parameters)', or just the name for one without weights."""
+    if not c.get("parameters"):
+        return str(c["name"])
+    return f"{c['name']} ({c['dtype']}, {c['parameters']:,} parameters)"

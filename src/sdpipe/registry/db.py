@@ -10,6 +10,11 @@ store then defaults to `store/` beside a SQLite file, else to `$SDPIPE_HOME/regi
 `versions` holds one row per immutable version, `aliases` the current target of each alias, and `events`
 the append-only log of every register / alias / rollback. UPDATE and DELETE on `versions` and `events` are
 refused by triggers on SQLite, PostgreSQL and MySQL/MariaDB, created on every open where they are missing.
+
+A database made by an older sdpipe is brought up to date on open: the triggers it lacks are created, and the
+columns `versions` gained since (`ADDED_COLUMNS`: what kind of model a version is, for Stable Diffusion models
+and LoRAs) are added with `ALTER TABLE ... ADD COLUMN`, their defaults describing the pixel-space models that
+were all an older registry could hold. Both are idempotent, and safe when several processes open it at once.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.schema import CreateColumn
 
 metadata = sa.MetaData()
 
@@ -35,6 +41,13 @@ versions = sa.Table(
     sa.Column("lineage", sa.JSON, nullable=False),  # config, metrics, versions, git_commit, source
     sa.Column("created_at", sa.String(40), nullable=False),  # ISO 8601, UTC
     sa.Column("user", sa.String(200), nullable=False),
+    # added after the first release (see ADDED_COLUMNS): older rows are pixel-space models
+    sa.Column("kind", sa.String(20), nullable=False, server_default="pixel-class"),  # as models.files.identify
+    sa.Column("architecture", sa.String(40), nullable=False, server_default="unet2d"),  # sd1, sdxl, ...
+    sa.Column("size_bytes", sa.BigInteger, nullable=True),  # the model's files (None: registered before)
+    sa.Column("stored_file", sa.String(255), nullable=True),  # a single file's name in its folder; None: the folder
+    sa.Column("base", sa.JSON, nullable=True),  # a LoRA's base model: hash, its kind, architecture, where from
+    sa.Column("identity", sa.JSON, nullable=True),  # identify's short hash, prediction type, components, notes
     sa.UniqueConstraint("name", "version", name="uq_versions_name_version"),
     sa.UniqueConstraint("name", "weights_hash", name="uq_versions_name_weights"),
 )
@@ -63,6 +76,9 @@ events = sa.Table(
     sa.Column("previous", sa.Integer, nullable=True),  # the alias's target before
     sa.Column("detail", sa.JSON, nullable=False),
 )
+
+# the columns of `versions` that databases made by an older sdpipe lack, added on open (in this order)
+ADDED_COLUMNS = ("kind", "architecture", "size_bytes", "stored_file", "base", "identity")
 
 # the tables whose rows are never changed or removed, and the message a trigger refuses UPDATE or DELETE with
 APPEND_ONLY = {
@@ -108,8 +124,8 @@ def default_store(url: str) -> Path:
 
 
 def open_engine(url: str) -> sa.Engine:
-    """Connect (creating a SQLite file's folder), then create the tables and the append-only triggers that
-    are not there yet: a database made by an older sdpipe gets the triggers it lacks."""
+    """Connect (creating a SQLite file's folder), then create the tables, columns and append-only triggers
+    that are not there yet: a database made by an older sdpipe gets the columns and triggers it lacks."""
     db_file = sqlite_file(url)
     if db_file is not None:
         db_file.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +137,7 @@ def open_engine(url: str) -> sa.Engine:
     for attempt in range(10):
         try:
             metadata.create_all(engine)  # only the tables that are missing
+            add_missing_columns(engine)
             install_triggers(engine)
             return engine
         except sa.exc.DBAPIError:  # another process is creating the same tables or triggers at this very moment
@@ -128,6 +145,22 @@ def open_engine(url: str) -> sa.Engine:
                 raise
             time.sleep(0.05 * (attempt + 1))
     return engine
+
+
+def add_missing_columns(engine: sa.Engine) -> None:
+    """`ALTER TABLE versions ADD COLUMN` for each of `ADDED_COLUMNS` the table lacks (idempotent). The column
+    definitions are compiled from `versions` for the database at hand; the NOT NULL ones carry a default, so
+    the rows already there get it (no UPDATE runs, so the append-only triggers are not involved). Two
+    processes adding the same column at once: the loser's error makes `open_engine` look again."""
+    with engine.connect() as conn:
+        present = {c["name"] for c in sa.inspect(conn).get_columns("versions")}
+    missing = [name for name in ADDED_COLUMNS if name not in present]
+    if not missing:
+        return
+    with engine.begin() as conn:
+        for name in missing:
+            definition = CreateColumn(versions.c[name]).compile(dialect=engine.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE versions ADD COLUMN {definition}")
 
 
 def install_triggers(engine: sa.Engine) -> None:
