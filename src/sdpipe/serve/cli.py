@@ -2,7 +2,8 @@
 
 Everything a user can get wrong stops the command with one line on stderr and exit code 2, before the
 server listens: settings, the API key file, the address (a port out of 1..65535 or already in use), and
-the model (a wrong reference, a folder that is not a model, a registry version whose weights changed).
+the model (a wrong reference, a path that is not a model sdpipe loads, a registry version whose weights
+changed, a device or dtype it cannot run on).
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ def _fail(message: str) -> typer.Exit:
 
 
 def serve(
-    model: Annotated[str, typer.Option(help="Model directory, or registry reference NAME@ALIAS / NAME:VERSION.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="sdpipe model folder, Stable Diffusion diffusers folder or .safetensors checkpoint, or registry "
+            "reference NAME@ALIAS / NAME:VERSION."
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (1 to 65535).")] = 8000,
     api_key_file: Annotated[
@@ -67,8 +74,17 @@ def serve(
         typer.Option("--set", help="Server setting, e.g. --set max_batch=32 (see docs/serving.md; repeatable)."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level: warning, info, debug.")] = "info",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (Stable Diffusion models).")] = "float32",
+    single_file_config: Annotated[
+        str | None,
+        typer.Option(
+            "--config", help="A single-file checkpoint's config: sd15, sd2-v, sd2-base, sdxl-base, ... or a folder."
+        ),
+    ] = None,
 ) -> None:
-    """Serve a model over HTTP: POST /v1/generate, a web page at /, /healthz, /readyz, /metrics."""
+    """Serve a model over HTTP: POST /v1/generate, the web UI's API under /sdapi/v1 (Stable Diffusion models),
+    a web page at /, /healthz, /readyz, /metrics."""
     import logging
 
     import uvicorn
@@ -87,7 +103,7 @@ def serve(
     except (ConfigError, ValueError) as exc:
         raise _fail(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(model_resolver(model, registry_url), settings, keys)
+    app = create_app(model_resolver(model, registry_url, device, dtype, single_file_config), settings, keys)
     try:
         app.state.holder.refresh()  # load, check and warm up the model now: a wrong or damaged one stops here
     except Exception as exc:  # the registry's own errors included

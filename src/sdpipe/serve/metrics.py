@@ -5,7 +5,13 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # the paths counted by name; anything else is counted as "other" (keeps label values bounded)
-KNOWN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/v1/model", "/v1/generate", "/admin/reload"})
+KNOWN_PATHS = frozenset(
+    {"/", "/healthz", "/readyz", "/metrics", "/v1/model", "/v1/generate", "/admin/reload"}
+    | {
+        f"/sdapi/v1/{name}"
+        for name in ("txt2img", "img2img", "samplers", "schedulers", "sd-models", "options", "scripts", "progress")
+    }
+)
 
 
 class ServeMetrics:

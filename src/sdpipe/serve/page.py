@@ -1,4 +1,5 @@
-"""The web page at `/`: choose label, seed, steps, sampler and guidance, press Generate, see the images.
+"""The web page at `/`: choose label (pixel-space class models) or prompt, negative prompt, width and height
+(Stable Diffusion models), and seed, steps, sampler and guidance; press Generate, see the images.
 
 Plain HTML and a few lines of JavaScript against the JSON API (`GET /v1/model`, `POST /v1/generate`),
 kept as a string here so it ships inside the Python package without package-data settings.
@@ -14,6 +15,11 @@ PAGE = """<!doctype html>
  label { display: inline-block; margin: 0 1em 0.6em 0; }
  input[type=number] { width: 6em; }
  #images img { width: 64px; height: 64px; image-rendering: pixelated; margin: 4px; border: 1px solid #ccc; }
+ #images img.sd { width: auto; height: auto; max-width: 256px; image-rendering: auto; }
+ .sd-only { display: none; }
+ body.sd .sd-only { display: block; }
+ body.sd .label-only { display: none; }
+ #prompt, #negative_prompt { width: 40em; }
  #images figure { display: inline-block; margin: 0; text-align: center; font-size: 0.8em; }
  #status { color: #555; margin: 0.6em 0; min-height: 1.2em; }
  #status.error { color: #b00; }
@@ -23,7 +29,13 @@ PAGE = """<!doctype html>
 <h1>sdpipe</h1>
 <p id="model">loading model information&hellip;</p>
 <form id="form">
- <label>label <select id="label" name="label"><option value="all">all</option></select></label>
+ <label class="label-only">label <select id="label" name="label"><option value="all">all</option></select></label>
+ <div class="sd-only"><label>prompt <input id="prompt" name="prompt" type="text"></label></div>
+ <div class="sd-only"><label>negative prompt <input id="negative_prompt" type="text"></label></div>
+ <div class="sd-only">
+  <label>width <input id="width" name="width" type="number" min="8" step="8"></label>
+  <label>height <input id="height" name="height" type="number" min="8" step="8"></label>
+ </div>
  <label>images <input id="n" name="n" type="number" min="1" value="8"></label>
  <label>seed <input id="seed" name="seed" type="number" min="0" value="0"></label>
  <label>steps <input id="steps" name="steps" type="number" min="1"></label>
@@ -36,18 +48,27 @@ PAGE = """<!doctype html>
 <div id="images"></div>
 <script>
 const $ = (id) => document.getElementById(id);
+let sd = false;  // a Stable Diffusion model: prompts instead of labels
 function status(text, isError) { $("status").textContent = text; $("status").className = isError ? "error" : ""; }
-function option(select, value) {
-  const o = document.createElement("option"); o.value = o.textContent = value; select.appendChild(o);
+function option(select, value, text) {
+  const o = document.createElement("option"); o.value = value; o.textContent = text || value; select.appendChild(o);
 }
 
 async function loadModel() {
   const r = await fetch("v1/model");
   if (!r.ok) { status("model not ready yet (" + r.status + "); reload the page in a moment", true); return; }
   const m = await r.json();
-  $("model").textContent = "model " + m.model + " (" + m.image_size + "x" + m.image_size + ")";
+  sd = m.takes === "prompt";
+  document.body.classList.toggle("sd", sd);
+  const size = m.image_size + "x" + m.image_size;
+  $("model").textContent = "model " + m.model + " (" + (sd ? m.kind + ", " : "") + size + ")";
   (m.class_names || []).forEach((c) => option($("label"), c));
-  m.samplers.forEach((s) => option($("sampler"), s));
+  m.samplers.forEach((s) => option($("sampler"), s, (m.webui_samplers || {})[s]));
+  if (sd) {
+    $("width").value = m.defaults.width; $("height").value = m.defaults.height;
+    $("width").max = m.limits.max_width; $("height").max = m.limits.max_height;
+    $("prompt").maxLength = $("negative_prompt").maxLength = m.limits.max_prompt_chars;
+  }
   $("sampler").value = m.defaults.sampler;
   $("steps").value = m.defaults.steps; $("steps").max = m.limits.max_steps;
   $("guidance").value = m.defaults.guidance;
@@ -58,9 +79,17 @@ async function loadModel() {
 async function generate(event) {
   event.preventDefault();
   const body = {
-    label: $("label").value, n: Number($("n").value), seed: Number($("seed").value),
+    n: Number($("n").value), seed: Number($("seed").value),
     steps: Number($("steps").value), sampler: $("sampler").value, guidance: Number($("guidance").value),
   };
+  if (sd) {
+    Object.assign(body, {
+      prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
+      width: Number($("width").value), height: Number($("height").value),
+    });
+  } else {
+    body.label = $("label").value;
+  }
   const headers = { "Content-Type": "application/json" };
   if ($("apikey").value) headers["Authorization"] = "Bearer " + $("apikey").value;
   status("generating\u2026");
@@ -78,10 +107,10 @@ async function generate(event) {
     const fig = document.createElement("figure");
     const img = document.createElement("img");
     img.src = "data:image/png;base64," + im.png_base64;
-    img.alt = "label " + im.label + ", seed " + im.seed;
-    img.className = "generated";
+    img.alt = (sd ? "prompt " + im.prompt : "label " + im.label) + ", seed " + im.seed;
+    img.className = sd ? "generated sd" : "generated";
     const cap = document.createElement("figcaption");
-    cap.textContent = (im.label ?? "") + " #" + im.seed;
+    cap.textContent = (sd ? "" : (im.label ?? "")) + " #" + im.seed;
     fig.append(img, cap);
     box.appendChild(fig);
   }

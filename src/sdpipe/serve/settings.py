@@ -21,6 +21,14 @@ class ServeSettings(BaseModel):
     max_steps: int = Field(default=100, ge=1, le=1000)  # sampler steps per request
     guidance_min: float = Field(default=0.0, ge=0, le=20)
     guidance_max: float = Field(default=20.0, ge=0, le=20)
+    # Stable Diffusion models: image size (multiples of 8), prompt and input-image size
+    max_width: int = Field(default=2048, ge=8, le=16384, multiple_of=8)  # pixels
+    max_height: int = Field(default=2048, ge=8, le=16384, multiple_of=8)
+    max_prompt_chars: int = Field(default=2000, ge=1, le=100_000)  # prompt and negative prompt, each
+    max_image_mib: float = Field(default=16.0, gt=0, le=1024)  # an input image or mask, as sent (base64)
+    # rows a Stable Diffusion model runs at once (None: the model's own, 1); part of an image's bits, as
+    # `sdpipe generate --micro-batch`; above 1, concurrent requests share the network's batches
+    sd_micro_batch: int | None = Field(default=None, ge=1, le=1024)
     # dynamic batching: requests queued within max_wait_ms of the first are run together, up to max_batch
     # images (a larger request still runs, alone); max_batch=1 serves one request at a time
     max_batch: int = Field(default=64, ge=1, le=65536)
