@@ -22,8 +22,9 @@ from sdpipe import sampler_names
 from sdpipe.config import MAX_SEED, PipelineConfig, load_config
 
 if TYPE_CHECKING:
-    from sdpipe.models import LoadedModel
+    from sdpipe.conditioning import LoraRef
     from sdpipe.models.kinds import AnyModel
+    from sdpipe.models.pipelines import LoadedPipeline
     from sdpipe.sampling import SampleSpec
     from sdpipe.train import TrainingInterrupted
 
@@ -168,6 +169,10 @@ def generate(
         float | None, typer.Option(help="How much of --image to repaint, (0, 1] (default 0.8; 1.0 with --mask).")
     ] = None,
     mask: Annotated[Path | None, typer.Option(help="Inpainting: white = repaint, black = keep (with --image).")] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="A LoRA: FILE[:WEIGHT] or a registry NAME@ALIAS[:WEIGHT] (default weight 1; repeatable)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or mps.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (text-to-image models).")] = "float32",
     micro_batch: Annotated[
@@ -203,6 +208,8 @@ def generate(
             from sdpipe.sampling.sd_records import prompt_conditions, read_prompts
 
             loaded.save_memory(vae_tiling, attention_slicing)
+            loaded.parts.resolve_lora = _registry_lora
+            loras = _loras(loaded, lora or [])
 
             if label is not None:
                 raise ValueError("a text-to-image model takes --prompt or --prompts, not --label")
@@ -218,7 +225,10 @@ def generate(
                 init=None if image is None else register_file(image, "--image"),
                 mask=None if mask is None else register_file(mask, "--mask"),
                 strength=strength,
+                loras=loras,
             )
+        elif lora:
+            raise ValueError("--lora applies to Stable Diffusion models, not pixel-space class models")
         elif any(v is not None for v in (prompt, prompts, width, height, image, mask, strength)) or vae_tiling:
             raise ValueError("a pixel-space class model takes --label, not prompts or sizes")
         spec = _spec(loaded, steps, sampler, guidance, micro_batch)
@@ -306,16 +316,34 @@ def evaluate(
         ),
     ] = None,
     steps: Annotated[str, typer.Option(help="Step counts of the quality-vs-steps table.")] = "5,10,20,50",
+    prompts: Annotated[
+        Path | None, typer.Option(help="Text-to-image models: the prompts to judge, one a line (a grid per prompt).")
+    ] = None,
+    clip: Annotated[
+        Path | None, typer.Option(help="Text-to-image: a local CLIP model folder (transformers) for the CLIP score.")
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="Text-to-image: a folder of real images for FID/KID (with its own floor).")
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate a saved model: FID/KID/precision/recall, per-class accuracy, memorization, quality vs steps."""
+    """Evaluate a saved model. Pixel-space class models: FID/KID/precision/recall against the held-out split,
+    per-class accuracy, memorization, quality vs steps. Text-to-image models (--prompts): a grid per prompt,
+    the CLIP score with --clip, FID/KID against --reference; every figure with its 95 % interval."""
     from sdpipe.evaluate.command import check_sweep, evaluate_saved_model, parse_list
+    from sdpipe.models.pipelines import LoadedPipeline
 
     with _user_errors(RuntimeError):  # evaluate's errors: a wrong Inception file is a RuntimeError too
+        loaded = _load(model)
+        if isinstance(loaded, LoadedPipeline):
+            _evaluate_text_to_image(loaded, out, prompts, n, clip, reference, inception, quiet)
+            return
+        if prompts is not None or clip is not None or reference is not None:
+            raise ValueError("--prompts, --clip and --reference are for text-to-image models")
         names = None if samplers is None else parse_list(samplers, "--samplers")
         counts = check_sweep(names or [], parse_list(steps, "--steps"))
         metrics = evaluate_saved_model(
-            _load_pixel(model),  # a registry version's weights hash is checked
+            loaded,  # a registry version's weights hash is checked
             out,
             n=n,
             data_source=data,
@@ -334,6 +362,39 @@ def evaluate(
     _print_summary(metrics, out)
 
 
+def _evaluate_text_to_image(
+    loaded: LoadedPipeline,
+    out: Path,
+    prompts: Path | None,
+    n: int | None,
+    clip: Path | None,
+    reference: Path | None,
+    inception: Path | None,
+    quiet: bool,
+) -> None:
+    from sdpipe.evaluate.t2i_report import summary_lines
+    from sdpipe.evaluate.text2img import evaluate_text_to_image
+
+    if prompts is None:
+        raise ValueError("a text-to-image model is evaluated on prompts: give --prompts FILE")
+    metrics = evaluate_text_to_image(
+        loaded,
+        prompts,
+        out,
+        spec=_spec(loaded, None, None, None),
+        images_per_prompt=n or 4,
+        clip=clip,
+        reference=reference,
+        inception=inception,
+        show_progress=not quiet,
+    )
+    for warning in metrics.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
+    for line in summary_lines(metrics):
+        out_console.print(line, highlight=False)
+    out_console.print(f"report: {out / 'report.html'}")
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Validate a config (file + --set overrides) and print the full result as YAML."""
@@ -344,27 +405,36 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 def _load(ref: str, device: str = "cpu", dtype: str = "float32", config: str | None = None) -> AnyModel:
-    """A model from a path (any kind sdpipe loads) or a registry reference; a registry version's weights hash
-    is checked."""
-    import torch
-
-    path = Path(ref)
-    if path.is_file() or (path / "model_index.json").is_file():
-        from sdpipe.models.kinds import load_any
-
-        return load_any(path, device, dtype, config)
-    if dtype != "float32":
-        raise ValueError(f"--dtype {dtype}: sdpipe's pixel-space models sample in float32")
-    loaded = _load_pixel(ref)
-    torch.nn.Module.to(loaded.unet, torch.device(device))
-    return loaded
-
-
-def _load_pixel(ref: str) -> LoadedModel:
-    """A pixel-space class model from a folder or a registry reference (its weights hash checked)."""
+    """A model from a path (any kind sdpipe loads) or a registry reference; a registry version is checked
+    against what was recorded when it was registered."""
     from sdpipe.registry import load
 
-    return load(ref)
+    return load(ref, device=device, dtype=dtype, config=config)
+
+
+def _registry_lora(ref: str) -> Path:
+    """A registered LoRA's file, for --lora NAME@ALIAS."""
+    from sdpipe.registry import lora_path
+
+    return lora_path(ref)
+
+
+def _loras(model: LoadedPipeline, options: list[str]) -> tuple[LoraRef, ...]:
+    """--lora options as LoraRefs, each checked to fit the base (refused naming both; a different recorded base
+    of the same architecture is a warning)."""
+    from sdpipe.models.lora import base_architecture, check_fits, is_registry_ref, lora_path, parse_lora_option
+    from sdpipe.registry import resolve_lora
+
+    loras = tuple(parse_lora_option(text, resolve=_registry_lora) for text in options)
+    for ref in loras:
+        warnings = list(check_fits(model, lora_path(ref, _registry_lora)).warnings)
+        path = Path(ref.ref)
+        if not path.is_file() and is_registry_ref(ref.ref):  # the base its registration recorded, too
+            recorded = resolve_lora(ref.ref).fits(model.hash, base_architecture(model.pipe), model.path)
+            warnings += [recorded] if recorded else []
+        for warning in warnings:
+            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    return loras
 
 
 def _spec(

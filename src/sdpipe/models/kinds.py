@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sdpipe.models.format import LoadedModel, load_model
-from sdpipe.models.pipelines import _LOAD_LOCK, LoadedPipeline, dtype_of, load_pipeline
+from sdpipe.models.pipelines import _LOAD_LOCK, LoadedPipeline, dtype_of, load_pipeline, pipeline_sha256
 
 AnyModel = LoadedModel | LoadedPipeline
 
@@ -81,8 +81,6 @@ def load_single_file(
     (without one diffusers downloads configs, even with `local_files_only=True`)."""
     import diffusers
 
-    from sdpipe.models.hashes import file_sha256
-
     cls_name, folder = single_file_config(architecture, config)
     cls = getattr(diffusers, cls_name)
     extra = {"safety_checker": None} if "safety_checker" in cls._optional_components else {}
@@ -108,4 +106,4 @@ def load_single_file(
         raise ValueError(f"{path}: the weights of {', '.join(missing)} are not in the file (config {folder})")
     pipe.to(torch.device(device))
     pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(path, pipe, "sha256:" + file_sha256(path)[:16], kind="sd-single-file")
+    return LoadedPipeline(path, pipe, "sha256:" + pipeline_sha256(path)[:16], kind="sd-single-file")

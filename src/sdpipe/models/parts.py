@@ -74,6 +74,10 @@ class Parts(Protocol):
         """The shape of one row's initial noise, (C, H, W) in the denoiser's space."""
         ...
 
+    def prepare(self, cond: Conditioning) -> None:
+        """Set what a micro-batch shares (its `batch_key`), e.g. its LoRAs, before it is encoded."""
+        ...
+
     def encode(self, rows: Sequence[Conditioning | None], guided: bool) -> Encoded:
         """The micro-batch's conditioning, for `denoise` (with the unconditional rows when `guided`)."""
         ...
@@ -120,6 +124,9 @@ class PixelClassParts:
 
     def sample_shape(self, cond: Conditioning) -> tuple[int, ...]:
         return self.shape
+
+    def prepare(self, cond: Conditioning) -> None:
+        return None
 
     def label_index(self, cond: Conditioning | None) -> int:
         """A row's label index; padding rows take the null label (0 without one)."""

@@ -13,7 +13,8 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ PIPELINE_CLASSES = {
     "StableDiffusionXLInpaintPipeline": "sdxl-inpaint",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EMBEDDING_CACHE = 256  # prompts whose embeddings are kept (each is encoded alone: again gives the same bits)
 _LOAD_LOCK = threading.Lock()  # diffusers' loading patches torch.nn.Module process-wide (see models.format)
 _WEIGHTING = re.compile(r"(?<!\\)[()\[\]]")  # web-UI emphasis syntax: (word), (word:1.2), [word]
 
@@ -111,8 +113,6 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32")
     """A diffusers Stable Diffusion folder, offline, safetensors only, on `device` in `dtype`."""
     import diffusers
 
-    from sdpipe.models.hashes import folder_sha256
-
     path = Path(path)
     cls = getattr(diffusers, pipeline_class_name(path))
     index = json.loads((path / "model_index.json").read_text())
@@ -123,8 +123,19 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32")
         )
     pipe.to(torch.device(device))
     pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(path, pipe, "sha256:" + pipeline_sha256(path)[:16])
+
+
+def pipeline_sha256(path: Path) -> str:
+    """A model's content hash (64 hex): a single file's sha256, or a diffusers folder's over the components its
+    model_index.json names (streamed and cached; see models.hashes)."""
+    from sdpipe.models.hashes import file_sha256, folder_sha256
+
+    if path.is_file():
+        return file_sha256(path)
+    index = json.loads((path / "model_index.json").read_text())
     components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
-    return LoadedPipeline(path, pipe, "sha256:" + folder_sha256(path, components)[:16])
+    return folder_sha256(path, components)
 
 
 class PromptError(ValueError):
@@ -138,12 +149,14 @@ class PipelineParts:
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
+        self.resolve_lora: Callable[[str], Path] | None = None  # NAME@ALIAS -> a LoRA file (the registry's)
+        self.max_loras: int | None = None  # adapters kept loaded at once (a server bounds them); None: all
         self.unet = pipe.unet
         self.scheduler_config = dict(pipe.scheduler.config)
         self.device = self.unet.device
         self.dtype = self.unet.dtype
         self.xl = hasattr(pipe, "text_encoder_2")
-        self._embeddings: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._embeddings: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()  # LRU, EMBEDDING_CACHE
         _name_final_layer_norm(getattr(pipe, "text_encoder", None))
 
     def conditional(self) -> bool:
@@ -191,23 +204,35 @@ class PipelineParts:
                 f"{tokenizer.model_max_length}; shorten it (long prompts are not chunked yet)"
             )
 
+    def prepare(self, cond: Conditioning) -> None:
+        """Make the micro-batch's LoRAs (shared by its rows through `batch_key`) the pipeline's active adapters."""
+        from sdpipe.models.lora import apply_loras, lora_path
+
+        apply_loras(self.pipe, cond.loras, lambda ref: lora_path(ref, self.resolve_lora), max_loaded=self.max_loras)
+
     def _embed(self, cond: Conditioning) -> tuple[torch.Tensor, ...]:
         """(positive, negative[, pooled, negative pooled]) for one prompt, encoded alone (batch 1), cached,
-        so an image's embeddings never depend on its batch-mates."""
-        key = (cond.prompt, cond.negative_prompt, cond.clip_skip)
+        so an image's embeddings never depend on its batch-mates; the key holds the active text-encoder LoRAs."""
+        from sdpipe.models.lora import active_text_encoder_loras
+
+        key = (cond.prompt, cond.negative_prompt, cond.clip_skip, active_text_encoder_loras(self.pipe))
         if key not in self._embeddings:
             prompt = _literal(cond.prompt or "")
             negative = _literal(cond.negative_prompt) or None  # None: SDXL's zeros for an empty negative
             clip_skip = None if cond.clip_skip == 1 else cond.clip_skip - 1
-            out = self.pipe.encode_prompt(
-                prompt=prompt,
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=True,
-                negative_prompt=negative,
-                clip_skip=clip_skip,
-            )
+            with torch.no_grad():  # the cache holds tensors, not autograd graphs
+                out = self.pipe.encode_prompt(
+                    prompt=prompt,
+                    device=self.device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=True,
+                    negative_prompt=negative,
+                    clip_skip=clip_skip,
+                )
             self._embeddings[key] = tuple(out)
+            while len(self._embeddings) > EMBEDDING_CACHE:  # a server meets ever new prompts
+                self._embeddings.popitem(last=False)
+        self._embeddings.move_to_end(key)
         return self._embeddings[key]
 
     def encode(self, rows: Sequence[Conditioning | None], guided: bool) -> Encoded:

@@ -129,6 +129,7 @@ def run(parts: Parts, rows: dict[int, Row], spec: SampleSpec, on_step: StepCallb
         # Start at step 0 even when the first timesteps repeat (Karras sigmas on a cosine schedule map
         # several of them to t=998); diffusers would otherwise start at index 1 and run off the end.
         sched.set_begin_index(0)
+    parts.prepare(next(iter(rows.values())).cond)  # what the rows share: LoRAs
     start = start_batch(parts, conds, gens, sched, spec.steps)
     guided = parts.conditional() and parts.rules.guided(spec.guidance) and not parts.embeds_guidance
     encoded = parts.encode(conds, guided) | parts.guidance_inputs(spec.guidance, m)

@@ -16,7 +16,7 @@ import torch
 from PIL import PngImagePlugin
 
 from sdpipe import __version__
-from sdpipe.conditioning import Conditioning, DataRef
+from sdpipe.conditioning import Conditioning, DataRef, LoraRef
 from sdpipe.inputs import load_image
 from sdpipe.models.pipelines import LoadedPipeline
 from sdpipe.sampler_names import SAMPLERS
@@ -64,8 +64,11 @@ def png_info(model: LoadedPipeline, row: Row, spec: SampleSpec) -> PngImagePlugi
     """The `parameters` (web-UI format) and `sdpipe` (JSON, format 2) chunks of one image."""
     c = row.cond
     width, height = image_size(model, c)
+    from sdpipe.models.lora import display_name
+
+    tags = "".join(f" <lora:{display_name(lo)}:{lo.weight:g}>" for lo in c.loras)  # as the web UIs write them
     params = webui_parameters(
-        prompt=c.prompt or "",
+        prompt=(c.prompt or "") + tags,
         negative_prompt=c.negative_prompt,
         steps=spec.steps,
         sampler=SAMPLERS[spec.sampler].webui,
@@ -74,9 +77,10 @@ def png_info(model: LoadedPipeline, row: Row, spec: SampleSpec) -> PngImagePlugi
         width=width,
         height=height,
         model_hash=model.hash.removeprefix("sha256:")[:10],
-        model=model.path.stem,
+        model=model.path.stem if model.path.is_file() else model.path.name,
         denoising_strength=_strength(c),
         clip_skip=c.clip_skip,
+        loras=[(display_name(lo), (lo.sha256 or "")[:12]) for lo in c.loras],
         version=f"sdpipe {__version__}",
     )
     exact = {
@@ -153,6 +157,7 @@ def prompt_conditions(
     init: DataRef | None = None,
     mask: DataRef | None = None,
     strength: float | None = None,
+    loras: tuple[LoraRef, ...] = (),
 ) -> list[Conditioning]:
     """The conditioning of images 0..n-1: image i takes prompt i mod len(prompts). Sizes must be multiples of
     8 (the VAE's factor, and what the pipelines check); with an input image (img2img, inpainting) they default
@@ -174,6 +179,7 @@ def prompt_conditions(
             init=init,
             mask=mask,
             strength=strength,
+            loras=loras,
         )
         for p in prompts
     ]
