@@ -19,6 +19,7 @@ from sd_fixtures import (  # noqa: F401  (the tiny Stable Diffusion fixtures, fo
     sd1_pipeline,
     sd1_single_file,
     sd2v_pipeline,
+    sd2v_single_file,
     sdxl_inpaint_pipeline,
     sdxl_pipeline,
     sdxl_single_file,
@@ -45,6 +46,16 @@ TINY = [
     "evaluate.n_samples=40",
     "evaluate.guidance_scales=[1.0, 2.0]",
 ]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny models: a second thread only contends (and costs minutes on a busy
+    2-core machine)."""
+    from sd_fixtures import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

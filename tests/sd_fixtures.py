@@ -617,6 +617,12 @@ def sd1_single_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd2v_single_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny-sd2-v.safetensors`, a 4-level SD2-v web-UI checkpoint (OpenCLIP-named text encoder)."""
+    return _once("sd2vfile", tmp_path_factory, lambda d: tiny_single_file("sd2-v", d))
+
+
+@pytest.fixture(scope="session")
 def sdxl_single_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny-sdxl.safetensors`, a 3-level SDXL web-UI checkpoint (open_clip-named second encoder)."""
     return _once("sdxlfile", tmp_path_factory, lambda d: tiny_single_file("sdxl", d))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sd_fixtures import BOS_ID, EOS_ID, byte_tokenizer, no_network, torch_threads
+from sd_fixtures import BOS_ID, EOS_ID, byte_tokenizer, no_network
 from sdpipe.evaluate.clip import ClipModel, load_clip
 from sdpipe.evaluate.reference import read_reference, reference_scores
 from sdpipe.evaluate.t2i_report import summary_lines
@@ -24,16 +23,10 @@ from sdpipe.evaluate.text2img import evaluate_text_to_image
 from sdpipe.models.pipelines import LoadedPipeline, load_pipeline
 from sdpipe.sampling.generate import SampleSpec, pipeline_sample_spec
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 PROMPTS = ["a red circle", "two blue squares"]
 SEED = 11
 SIZE = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 def make_clip(folder: Path, seed: int = 0) -> Path:

@@ -8,14 +8,12 @@ web UIs write them (`lora_unet_*`, `lora_te_text_model_*`, `lora_te2_*`)."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from sd_fixtures import torch_threads
 from sdpipe.conditioning import Conditioning, LoraRef
 from sdpipe.models import hashes
 from sdpipe.models.lora import (
@@ -36,17 +34,11 @@ from sdpipe.models.pipelines import LoadedPipeline, load_pipeline
 from sdpipe.sampling.generate import Row, SampleSpec, generate_items
 from sdpipe.sampling.schedulers import pipeline_scheduler
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 PROMPTS = ["a red circle", "two blue squares"]
 SPEC = SampleSpec("euler", steps=3, guidance=4.0, micro_batch=1)
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):  # tiny models: a second thread only contends
-        yield
 
 
 # --------------------------------------------------------------------------- LoRA files

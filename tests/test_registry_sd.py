@@ -10,7 +10,6 @@ import json
 import shutil
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import random_model
-from sd_fixtures import single_file_folders, torch_threads
+from sd_fixtures import single_file_folders
 from sdpipe.models.files import identify
 from sdpipe.models.pipelines import LoadedPipeline
 from sdpipe.registry import Registry, RegistryError, fits, load, lora_path, resolve, resolve_lora
@@ -28,15 +27,9 @@ from sdpipe.registry import cli as registry_cli
 from sdpipe.registry.db import ADDED_COLUMNS, install_triggers
 from sdpipe.registry.loras import legacy_model_hash
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 runner = CliRunner()
 BASE = ["--width", "32", "--height", "32", "--steps", "3", "--sampler", "Euler a", "--guidance", "5"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture

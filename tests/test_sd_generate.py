@@ -4,28 +4,20 @@ same whatever the other images made with it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from sd_fixtures import torch_threads
 from sdpipe.conditioning import Conditioning
 from sdpipe.models.pipelines import LoadedPipeline, PromptError, load_pipeline
 from sdpipe.sampler_names import SAMPLERS
 from sdpipe.sampling.generate import Row, SampleSpec, generate_items, row_noise
 from sdpipe.sampling.schedulers import pipeline_scheduler
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 PROMPTS = ["a red circle", "two blue squares"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):  # tiny models: a second thread only contends
-        yield
 
 
 @pytest.fixture(scope="module")

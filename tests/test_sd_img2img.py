@@ -4,7 +4,6 @@ path equal diffusers' own pipelines given one CPU generator per image; an image 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_fixtures import torch_threads
 from sdpipe.conditioning import Conditioning
 from sdpipe.inputs import register
 from sdpipe.models.pipelines import LoadedPipeline, load_pipeline
 from sdpipe.sampling.generate import Row, SampleSpec, generate_items
 from sdpipe.sampling.schedulers import pipeline_scheduler
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 SIZE = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 def png(arr: np.ndarray) -> bytes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sd_fixtures import torch_threads
 from sdpipe.cli import app
 from sdpipe.conditioning import Conditioning
 from sdpipe.models.pipelines import PipelineParts, load_pipeline
 from sdpipe.sampling.generate import Row, SampleSpec, generate_items
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 def test_an_overflowing_half_precision_decode_is_redone_in_float32(

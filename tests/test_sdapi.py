@@ -20,7 +20,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from sd_fixtures import torch_threads
 from sdpipe.cli import app as cli_app
 from sdpipe.serve.app import create_app
 from sdpipe.serve.settings import MAX_SEED, ServeSettings
@@ -28,15 +27,9 @@ from test_serve import Hold, _wait_depth, held_worker, wait_ready  # noqa: F401 
 from test_serve_live import HOST, free_port
 from test_serve_live import wait_ready as wait_live
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 SIZE = 32
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 def settings(**kw: object) -> ServeSettings:

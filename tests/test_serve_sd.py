@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from sd_fixtures import single_file_folders, torch_threads
+from sd_fixtures import single_file_folders
 from sdpipe.models.kinds import load_any
 from sdpipe.models.pipelines import LoadedPipeline
 from sdpipe.serve import batching
@@ -27,14 +27,8 @@ from sdpipe.serve.settings import ServeSettings
 from test_sdapi import b64png, cli, mask_image, picture
 from test_serve import make_model, wait_ready
 
-pytestmark = pytest.mark.usefixtures("offline")
+pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 SIZE = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 def settings(**kw: object) -> ServeSettings:
