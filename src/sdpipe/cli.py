@@ -334,14 +334,14 @@ def evaluate(
     from sdpipe.models.pipelines import LoadedPipeline
 
     with _user_errors(RuntimeError):  # evaluate's errors: a wrong Inception file is a RuntimeError too
+        names = None if samplers is None else parse_list(samplers, "--samplers")  # checked before any loading
+        counts = check_sweep(names or [], parse_list(steps, "--steps"))
         loaded = _load(model)
         if isinstance(loaded, LoadedPipeline):
             _evaluate_text_to_image(loaded, out, prompts, n, clip, reference, inception, quiet)
             return
         if prompts is not None or clip is not None or reference is not None:
             raise ValueError("--prompts, --clip and --reference are for text-to-image models")
-        names = None if samplers is None else parse_list(samplers, "--samplers")
-        counts = check_sweep(names or [], parse_list(steps, "--steps"))
         metrics = evaluate_saved_model(
             loaded,  # a registry version's weights hash is checked
             out,
