@@ -13,8 +13,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from sdpipe.conditioning import Conditioning
 from sdpipe.models.pipelines import LoadedPipeline, PromptError, load_pipeline
 from sdpipe.sampler_names import SAMPLERS
-from sdpipe.sampling.generate import Row, SampleSpec, generate_items, row_noise
+from sdpipe.sampling.generate import Row, SampleSpec, generate_items, row_generators
 from sdpipe.sampling.schedulers import pipeline_scheduler
+from sdpipe.sampling.start import noise_rows
 
 pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 PROMPTS = ["a red circle", "two blue squares"]
@@ -106,7 +107,8 @@ def test_half_precision_noise_is_diffusers_own(pipelines: dict[str, LoadedPipeli
     parts.dtype = torch.float16  # the draw, not the model, is under test
     try:
         rows = {0: Row(11, Conditioning(prompt="x", width=32, height=32))}
-        noise, _ = row_noise(parts, rows, 1)
+        shape = parts.sample_shape(rows[0].cond)
+        noise = noise_rows(row_generators(rows, 1), shape, parts.dtype)  # what start_batch draws
         g = torch.Generator("cpu").manual_seed(11)
         assert torch.equal(noise, randn_tensor((1, *noise.shape[1:]), generator=[g], dtype=torch.float16))
     finally:

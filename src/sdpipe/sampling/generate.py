@@ -29,7 +29,7 @@ from sdpipe.conditioning import Conditioning
 from sdpipe.config import ConfigError, SampleConfig, validate_section
 from sdpipe.models.parts import Encoded, Parts, PixelClassParts
 from sdpipe.sampling.schedulers import Scheduler, make_scheduler, pipeline_scheduler, samplers_for
-from sdpipe.sampling.start import Start, noise_rows, start_batch
+from sdpipe.sampling.start import Start, start_batch
 
 # on_step(step index, timestep, x0 prediction (B, C, H, W)) for `denoise`
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -101,14 +101,6 @@ def row_generators(rows: dict[int, Row], micro_batch: int) -> list[torch.Generat
     convention); a padding row is seeded r (its output is never used). It draws the row's noise, then its
     sampler noise."""
     return [torch.Generator("cpu").manual_seed(rows[r].seed if r in rows else r) for r in range(micro_batch)]
-
-
-def row_noise(parts: Parts, rows: dict[int, Row], micro_batch: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """The initial noise and generators of one micro-batch that starts from noise: row r's noise is
-    `torch.randn(shape, generator=g_r, dtype=parts.dtype)`."""
-    gens = row_generators(rows, micro_batch)
-    shape = parts.sample_shape(next(iter(rows.values())).cond)
-    return noise_rows(gens, shape, parts.dtype).to(parts.device), gens
 
 
 def new_scheduler(parts: Parts, spec: SampleSpec, seeds: list[int]) -> Scheduler:
