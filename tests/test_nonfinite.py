@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import sdpipe.train.loop as loop
+import sdpipe.train.trainer as loop
 from conftest import TINY
 from sdpipe.config import load_config
 from sdpipe.data import open_split

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import math
-from typing import cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
-from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from torch import nn
+
+
+@dataclass(frozen=True)
+class TextCond:
+    """What a text-conditioned UNet (`UNet2DConditionModel`) takes besides x_t and t: the prompt embeddings
+    (B, L, D) and, for SDXL, the added inputs (`text_embeds`, `time_ids`). Sliced like a tensor."""
+
+    embeds: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    def __getitem__(self, part: Any) -> TextCond:
+        added = None if self.added is None else {k: v[part] for k, v in self.added.items()}
+        return TextCond(self.embeds[part], added)
+
+    def to(self, device: torch.device | str) -> TextCond:
+        added = None if self.added is None else {k: v.to(device) for k, v in self.added.items()}
+        return TextCond(self.embeds.to(device), added)
+
+
+def predict(unet: nn.Module, x: torch.Tensor, level: torch.Tensor, cond: Any) -> torch.Tensor:
+    """The network's output for input `x` at noise feature `level`, conditioned on class labels (a pixel
+    `UNet2DModel`; None = unconditional) or on a `TextCond` (a `UNet2DConditionModel`)."""
+    if isinstance(cond, TextCond):
+        return unet(x, level, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added).sample
+    return unet(x, level, class_labels=cond).sample
 
 
 class TimestepSampler:
@@ -76,12 +101,12 @@ class DiffusionLoss:
         return -0.125 * self.snr.to(t.device)[t].log()
 
     def __call__(
-        self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor
+        self, unet: nn.Module, x0: torch.Tensor, labels: Any, noise: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
         return self.per_sample(unet, x0, labels, noise, t).mean()
 
     def per_sample(
-        self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor
+        self, unet: nn.Module, x0: torch.Tensor, labels: Any, noise: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
         """Each sample's weighted loss, shape (N,)."""
         xt = self.sched.add_noise(x0, noise, cast(torch.IntTensor, t))
@@ -91,7 +116,7 @@ class DiffusionLoss:
             target = self.sched.get_velocity(x0, noise, cast(torch.IntTensor, t))
         else:
             target = x0
-        pred = unet(xt, t, class_labels=labels).sample
+        pred = predict(unet, xt, t, labels)
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         return self.weight(t).to(per_sample) * per_sample
 
@@ -119,12 +144,12 @@ class EDMLoss:
         return 0.25 * sigma.float().log()
 
     def __call__(
-        self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, sigma: torch.Tensor
+        self, unet: nn.Module, x0: torch.Tensor, labels: Any, noise: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
         return self.per_sample(unet, x0, labels, noise, sigma).mean()
 
     def per_sample(
-        self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, sigma: torch.Tensor
+        self, unet: nn.Module, x0: torch.Tensor, labels: Any, noise: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
         """Each sample's weighted loss, shape (N,)."""
         sd = self.sigma_data
@@ -133,7 +158,7 @@ class EDMLoss:
         c_skip = sd**2 / (s**2 + sd**2)
         c_out = s * sd / (s**2 + sd**2).sqrt()
         c_in = 1 / (s**2 + sd**2).sqrt()
-        out = unet(c_in * x, self.noise_feature(sigma), class_labels=labels).sample
+        out = predict(unet, c_in * x, self.noise_feature(sigma), labels)
         target = (x0 - c_skip * x) / c_out
         return (out.float() - target).pow(2).mean(dim=(1, 2, 3))
 
@@ -164,7 +189,7 @@ class UncertaintyWeighting(nn.Module):
         return self.linear(math.sqrt(2) * torch.cos(c_noise[:, None] * self.freqs + self.phases)).squeeze(1)
 
     def forward(
-        self, unet: UNet2DModel, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, level: torch.Tensor
+        self, unet: nn.Module, x0: torch.Tensor, labels: Any, noise: torch.Tensor, level: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         u = self.log_variance(level)
         plain = self.base.per_sample(unet, x0, labels, noise, level)

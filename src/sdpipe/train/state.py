@@ -7,17 +7,26 @@ state, the learned loss weighting), so a run resumed or rolled back on a GPU kee
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.training_utils import EMAModel
+from torch import nn
 
 from sdpipe.config import TrainConfig
 from sdpipe.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from sdpipe.train.losses import UncertaintyWeighting
 from sdpipe.train.validation import EarlyStopping
+
+
+class Sampler(Protocol):
+    """Which samples each step trains on; its state is checkpointed (tensors and plain values)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class EpochSampler:
@@ -39,31 +48,52 @@ class EpochSampler:
             need -= len(take)
         return torch.cat(parts)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order, self.pos = state["order"], int(state["pos"])
+
 
 @dataclass
 class TrainState:
     """Everything a checkpoint holds about a run in progress (besides its config)."""
 
-    unet: UNet2DModel  # unwrapped from any DDP wrapper
+    unet: nn.Module  # the network that trains, unwrapped from any DDP wrapper
     ema: EMAModel
     optimizer: torch.optim.Optimizer
     lr_sched: torch.optim.lr_scheduler.LambdaLR
     gen: torch.Generator  # on the CPU by design: a run draws the same numbers on every device
-    batches: EpochSampler
+    batches: Sampler
     stopper: EarlyStopping
     weighting: UncertaintyWeighting | None = None
+    # the names of the parameters that train, in the EMA's order; empty = all of the network's. When only
+    # some train (a LoRA), checkpoints hold just those: the rest is the base model, loaded again on resume.
+    trainable: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.partial = bool(self.trainable) and len(self.trainable) < len(list(self.unet.parameters()))
+        if not self.trainable:
+            self.trainable = [n for n, _ in self.unet.named_parameters()]
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        if not self.partial:
+            return self.unet.state_dict()
+        params = dict(self.unet.named_parameters())
+        return {n: params[n] for n in self.trainable}
 
     def save(self, run_dir: Path, step: int, config: dict, best: bool = False) -> Path:
-        names = [n for n, _ in self.unet.named_parameters()]
+        sampler = self.batches.state_dict()
+        tensors = {f"sampler.{k}": v for k, v in sampler.items() if isinstance(v, torch.Tensor)}
         return save_checkpoint(
             run_dir,
             step,
-            model=self.unet.state_dict(),
-            ema=dict(zip(names, self.ema.shadow_params, strict=True)),
+            model=self._model_state(),
+            ema=dict(zip(self.trainable, self.ema.shadow_params, strict=True)),
             optimizer=self.optimizer.state_dict(),
-            rng={"generator": self.gen.get_state(), "torch": torch.get_rng_state(), "order": self.batches.order},
+            rng={"generator": self.gen.get_state(), "torch": torch.get_rng_state(), **tensors},
             state={
-                "data_position": self.batches.pos,
+                "sampler": {k: v for k, v in sampler.items() if not isinstance(v, torch.Tensor)},
                 "ema_optimization_step": self.ema.optimization_step,
                 "lr_scheduler": self.lr_sched.state_dict(),
                 "early_stopping": dataclasses.asdict(self.stopper),
@@ -78,16 +108,18 @@ class TrainState:
         """Put every piece of training state back as the checkpoint holds it, on the model's devices;
         returns its step. (`load_state_dict` copies into the tensors in place, and the optimizer's moves its
         state to each parameter's device itself.)"""
-        self.unet.load_state_dict(ck.model)
+        self.unet.load_state_dict(ck.model, strict=not self.partial)
         if self.weighting is not None:
             self.weighting.load_state_dict(ck.loss_weighting)
-        self.ema.shadow_params = [ck.ema[n].to(p.device, copy=True) for n, p in self.unet.named_parameters()]
+        params = dict(self.unet.named_parameters())
+        self.ema.shadow_params = [ck.ema[n].to(params[n].device, copy=True) for n in self.trainable]
         self.ema.optimization_step = ck.state["ema_optimization_step"]
         self.optimizer.load_state_dict(ck.optimizer)
         self.lr_sched.load_state_dict(ck.state["lr_scheduler"])
         self.gen.set_state(ck.rng["generator"])
         torch.set_rng_state(ck.rng["torch"])
-        self.batches.order, self.batches.pos = ck.rng["order"], ck.state["data_position"]
+        sampler = {k.removeprefix("sampler."): v for k, v in ck.rng.items() if k.startswith("sampler.")}
+        self.batches.load_state_dict(sampler | ck.state["sampler"])
         for key, value in ck.state.get("early_stopping", {}).items():
             setattr(self.stopper, key, value)
         return ck.step

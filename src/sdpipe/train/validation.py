@@ -10,19 +10,20 @@ uniform offset u per image, which covers all noise levels with far less variance
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from diffusers.models.unets.unet_2d import UNet2DModel
+from torch import nn
 
 from sdpipe.train.losses import DiffusionLoss, EDMLoss
 
 
 @torch.inference_mode()
 def validation_loss(
-    unet: UNet2DModel,
+    unet: nn.Module,
     loss: DiffusionLoss | EDMLoss,
     x0: torch.Tensor,
-    labels: torch.Tensor | None,
+    labels: Any,
     *,
     seed: int = 0,
     draws: int = 4,
