@@ -59,6 +59,17 @@ class DataConfig(_Section):
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False  # horizontal flip with probability 1/2 (drawn from the training generator)
     channels: Literal["auto", "grayscale", "rgb"] = "auto"  # auto: grayscale if every image is, else RGB
+    # captions: validation counts each caption's tokens with this tokenizer (a folder `CLIPTokenizer` /
+    # `AutoTokenizer` reads; None = the CLIP BPE of SD 1.x/2.x/SDXL that sdpipe ships) and reports those
+    # longer than `caption_max_tokens` (the text encoder's window, start and end tokens included)
+    caption_tokenizer: str | None = None
+    caption_max_tokens: int = Field(default=77, ge=3)
+    # aspect-ratio buckets (text-to-image training): images keep their shape, each resized to cover the
+    # bucket of nearest aspect ratio (area about resolution^2, sides multiples of bucket_step, long side at
+    # most max_aspect_ratio x the short one) and centre-cropped by at most the rounding; False = square crops
+    buckets: bool = False
+    bucket_step: int = Field(default=64, ge=8)
+    max_aspect_ratio: float = Field(default=2.0, ge=1.0, le=8.0)
 
     @property
     def held_out(self) -> float:
@@ -79,7 +90,15 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """A diffusers `UNet2DModel`; attention in the blocks listed by `attention_levels`."""
+    """The network that trains. `type: pixel` is a diffusers `UNet2DModel` on pixels (class-conditional or
+    not); `type: text-to-image` is a Stable Diffusion pipeline whose `UNet2DConditionModel` trains on VAE
+    latents of captioned images (see `train.method`). The shape fields configure a new UNet (pixel, or
+    text-to-image `scratch`); attention (cross-attention for text) in the blocks listed by `attention_levels`."""
+
+    type: Literal["pixel", "text-to-image"] = "pixel"
+    # text-to-image: the base pipeline of `full` and `lora` (a diffusers folder, a single .safetensors file or
+    # a registry reference); for `scratch`, where the VAE, text encoder, tokenizer and scheduler come from
+    pretrained: str | None = None
 
     block_out_channels: list[int] = Field(default=[32, 64], min_length=1, max_length=6)
     layers_per_block: int = Field(default=1, ge=1, le=4)
@@ -115,6 +134,9 @@ class DiffusionConfig(_Section):
     sigma_min: float = Field(default=0.002, gt=0)
     sigma_max: float = Field(default=80.0, gt=0)
     sigma_data: float = Field(default=0.5, gt=0)  # also used by the "edm" loss weighting
+    # rescale the betas so the last timestep is pure noise (Lin et al. 2024, "Common Diffusion Noise Schedules
+    # and Sample Steps are Flawed"); trains with v-prediction, and the model samples with trailing timesteps
+    zero_terminal_snr: bool = False
 
 
 class TrainConfig(_Section):
@@ -161,6 +183,22 @@ class TrainConfig(_Section):
     # model's sampler, scored by the judge (FD ratio, label accuracy), for quality-over-time curves
     eval_every: int | None = Field(default=None, ge=1)
     eval_samples: int = Field(default=200, ge=10)
+    # --- text-to-image (model.type: text-to-image) ---
+    # scratch: a new UNet (shaped by `model`); full: every UNet weight of model.pretrained trains; lora: a peft
+    # LoRA on the UNet (and the text encoders with lora_text_encoder) trains, the base stays frozen
+    method: Literal["scratch", "full", "lora"] = "scratch"
+    caption_dropout: float = Field(default=0.1, ge=0, le=1)  # captions replaced by "" (for guidance)
+    unconditional: bool = False  # train on images without captions (all ""); otherwise missing captions stop it
+    noise_offset: float = Field(default=0.0, ge=0, le=1)  # N(0, offset^2) per image and channel added to the noise
+    lora_rank: int = Field(default=4, ge=1, le=1024)
+    lora_alpha: float | None = Field(default=None, gt=0)  # None = the rank (scale 1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lora_targets: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    lora_text_encoder: bool = False  # also a LoRA on the text encoder(s) (q/k/v/out projections)
+    cache_dir: str | None = None  # latent and text-embedding caches; None = sdpipe's cache folder (SDPIPE_CACHE)
+    # prompts rendered with fixed seeds every `validation_prompt_every` steps into the report's grid
+    validation_prompts: list[str] = Field(default=[])
+    validation_prompt_every: int | None = Field(default=None, ge=1)
 
 
 class SampleConfig(_Section):
@@ -203,6 +241,8 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> PipelineConfig:
+        if self.model.type == "text-to-image":
+            return self._check_text_to_image()
         if self.diffusion.formulation == "edm":
             if self.sample.sampler not in EDM_SAMPLERS:
                 raise ValueError(
@@ -218,6 +258,22 @@ class PipelineConfig(_Section):
             )
         if self.diffusion.sigma_min >= self.diffusion.sigma_max:
             raise ValueError("diffusion.sigma_min must be below diffusion.sigma_max")
+        return self
+
+    def _check_text_to_image(self) -> PipelineConfig:
+        if self.diffusion.formulation != "ddpm":
+            raise ValueError("model.type=text-to-image trains a Stable Diffusion UNet: set diffusion.formulation=ddpm")
+        if self.train.loss_weighting == "edm":
+            raise ValueError("model.type=text-to-image: train.loss_weighting is uniform or min_snr")
+        if self.model.pretrained is None:
+            raise ValueError(
+                f"train.method={self.train.method} needs model.pretrained: the base pipeline"
+                + (" (scratch takes its VAE, text encoder and tokenizer)" if self.train.method == "scratch" else "")
+            )
+        if self.diffusion.zero_terminal_snr and self.diffusion.prediction_type == "epsilon":
+            raise ValueError(
+                "diffusion.zero_terminal_snr needs prediction_type=v_prediction (epsilon is undefined at SNR 0)"
+            )
         return self
 
 

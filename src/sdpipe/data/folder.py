@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdpipe.data.readers import IMAGE_EXTENSIONS
-from sdpipe.data.sources import Item
+from sdpipe.data.sources import Item, decode_caption
 
 SPLIT_FOLDERS = {
     "train": "train",
@@ -28,6 +28,7 @@ SPLIT_FOLDERS = {
     "test": "test",
 }
 METADATA = "metadata.jsonl"
+_UNDECODABLE = "\0undecodable"  # key of a metadata row whose line is not UTF-8: why
 
 
 @dataclass
@@ -79,11 +80,16 @@ def _items(root: Path, layout: FolderLayout, caption_column: str | None) -> Iter
                 dirnames.remove(name)
                 yield Item(path=_show(here / name), skip="symlink to a folder: not followed")
         names = sorted(filenames)
+        bad_lines: list[str] = []
         if METADATA in names:
-            metadata.update(_read_metadata(here / METADATA))
+            rows, bad_lines = _read_metadata(here / METADATA)
+            metadata.update(rows)
         stems = {Path(n).stem for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS}
         for name in names:
-            yield _item(root, here / name, layout, stems, metadata, caption_column)
+            item = _item(root, here / name, layout, stems, metadata, caption_column)
+            if name == METADATA and bad_lines and item.skip:
+                item.caption_problem = (item.path, "; ".join(bad_lines[:5]) + _more(len(bad_lines) - 5))
+            yield item
 
 
 def _show(path: Path) -> str:
@@ -114,7 +120,8 @@ def _item(
     split, label, skip = _place(rel, layout, meta)
     if skip:
         return Item(path=shown, skip=skip)
-    return Item(path=shown, file=str(path), label=label, caption=_caption(path, meta, stems, caption_col), split=split)
+    caption, unread = _caption(path, meta, stems, caption_col)
+    return Item(path=shown, file=str(path), label=label, caption=caption, split=split, caption_problem=unread)
 
 
 def _link_problem(path: Path) -> str | None:
@@ -148,31 +155,54 @@ def _place(rel: Path, layout: FolderLayout, meta: dict) -> tuple[str | None, int
     return split, layout.class_names.index(name), None
 
 
-def _caption(path: Path, meta: dict, stems: set[str], caption_col: str | None) -> str | None:
+def _caption(
+    path: Path, meta: dict, stems: set[str], caption_col: str | None
+) -> tuple[str | None, tuple[str, str] | None]:
+    """(caption, None), or (None, (caption file, why)) when the caption file cannot be decoded."""
+    if _UNDECODABLE in meta:
+        return None, (_show(path.parent / METADATA), meta[_UNDECODABLE])
     for key in [caption_col] if caption_col else ["text", "caption"]:
         if key in meta:
-            return str(meta[key])
+            return (None if meta[key] is None else str(meta[key])), None
     sidecar = path.with_suffix(".txt")
     if path.stem in stems and sidecar.is_file():
         try:
-            return sidecar.read_bytes().decode("utf-8", "replace").strip()
-        except OSError:
-            return None
-    return None
+            raw = sidecar.read_bytes()
+        except OSError as exc:
+            return None, (_show(sidecar), f"unreadable ({exc.strerror or exc})")
+        caption, problem = decode_caption(raw)
+        return caption, (_show(sidecar), problem) if problem else None
+    return None, None
 
 
-def _read_metadata(path: Path) -> dict[str, dict]:
-    """imagefolder's metadata.jsonl: one JSON object a line with `file_name` relative to its folder."""
+def _read_metadata(path: Path) -> tuple[dict[str, dict], list[str]]:
+    """imagefolder's metadata.jsonl: one JSON object a line with `file_name` relative to its folder.
+
+    Returns the rows by absolute image path and what is wrong with the lines that cannot be used. A line that
+    is not UTF-8 but names its file marks that image's caption undecodable (never U+FFFD in a caption)."""
     rows: dict[str, dict] = {}
+    bad: list[str] = []
     try:
-        lines = path.read_bytes().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        return rows, [f"unreadable ({exc.strerror or exc})"]
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
-        if isinstance(row, dict) and isinstance(row.get("file_name"), str):
-            rows[str(path.parent / row["file_name"])] = row
-    return rows
+        text, problem = decode_caption(raw)
+        try:
+            row = json.loads(text if text is not None else raw.decode("utf-8", "replace"))
+        except json.JSONDecodeError:
+            bad.append(f"line {n}: not JSON")
+            continue
+        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str)):
+            bad.append(f"line {n}: not an object with a file_name")
+            continue
+        if problem:
+            row[_UNDECODABLE] = f"line {n}: {problem}"
+        rows[str(path.parent / row["file_name"])] = row
+    return rows, bad
+
+
+def _more(n: int) -> str:
+    return f"; ... {n} more" if n > 0 else ""

@@ -49,15 +49,58 @@ def print_summary(r: dict[str, Any], console: Console, out: Path) -> None:
             if len(rows) > SHOW:
                 table.add_row(f"... {len(rows) - SHOW} more in report.json", "")
             console.print(table)
+    if r.get("captions"):
+        _print_captions(r["captions"], console)
     console.print(f"manifest: {out / 'manifest.parquet'}  report: {out / 'report.html'}", highlight=False)
 
 
-def _list(title: str, rows: list[Any], render: Any) -> str:
-    if not rows:
+def caption_lines(c: dict[str, Any]) -> list[str]:
+    """The captions section in a few plain lines (console and HTML)."""
+    t, w = c["tokens"], c["words"]
+    lines = [
+        f"{c['captioned']} captioned, {c['missing']} missing, {c['empty']} empty, {c['undecodable']} undecodable",
+        f"{c['distinct']} distinct captions; {c['sharing']} images share a caption with another",
+    ]
+    if t and w:
+        lines.insert(
+            1,
+            f"tokens min {t['min']} / median {t['median']:g} / p95 {t['p95']:g} / max {t['max']} "
+            f"(window {c['max_tokens']}, {c['tokenizer']}); words median {w['median']:g}, max {w['max']}; "
+            f"{c['over_long']} over-long, {c['tokens_cut']} tokens cut",
+        )
+    return lines
+
+
+def _print_captions(c: dict[str, Any], console: Console) -> None:
+    console.print("captions: " + "\n  ".join(caption_lines(c)), highlight=False)
+    tables = (
+        ("caption files not read", [(p["path"], p["reason"]) for p in c["problems"]], "reason", len(c["problems"])),
+        ("over-long captions", [(p["path"], f"{p['tokens']} tokens, {p['cut']} cut") for p in c["over_long_paths"]],
+         "tokens", c["over_long"]),
+        ("most repeated captions", [(p["caption"], str(p["count"])) for p in c["most_repeated"]], "images",
+         len(c["most_repeated"])),
+    )  # fmt: skip
+    for title, rows, key, total in tables:
+        if rows:
+            table = Table(title=f"{title} ({total})", title_justify="left")
+            table.add_column("caption" if key == "images" else "path", overflow="fold")
+            table.add_column(key, overflow="fold")
+            for row in rows[:SHOW]:
+                table.add_row(*row)
+            if total > SHOW:
+                table.add_row(f"... {total - SHOW} more in report.json", "")
+            console.print(table)
+
+
+def _list(title: str, rows: list[Any], render: Any, total: int | None = None) -> str:
+    """An HTML list of the first 1000 `rows`; `total`: how many there are when `rows` is capped already."""
+    n = len(rows) if total is None else total
+    if not n:
         return f"<h2>{title} (0)</h2>"
     items = "".join(f"<li>{render(r)}</li>" for r in rows[:1000])
-    more = f"<p>... {len(rows) - 1000} more in report.json</p>" if len(rows) > 1000 else ""
-    return f"<h2>{title} ({len(rows)})</h2><ul>{items}</ul>{more}"
+    where = " in report.json" if len(rows) > 1000 else ""
+    more = f"<p>... {n - min(len(rows), 1000)} more{where}</p>" if n > min(len(rows), 1000) else ""
+    return f"<h2>{title} ({n})</h2><ul>{items}</ul>{more}"
 
 
 def _html(r: dict[str, Any]) -> str:
@@ -78,6 +121,33 @@ def _html(r: dict[str, Any]) -> str:
         _list("Leaks (same pixels in two splits)", r["leaks"], lambda x: group([x["path"], x["same_as"]])),
         _list("Near-duplicate groups", r["near_duplicate_groups"], group),
         f"<h2>Image modes</h2><p>{e(json.dumps(r['modes']))}</p><h2>Sizes</h2><p>{e(json.dumps(r['sizes']))}</p>",
+        _captions_html(r.get("captions")),
     ]
     style = "body{font-family:sans-serif;max-width:70em;margin:2em auto}code{font-size:90%}"
     return f"<!doctype html><meta charset='utf-8'><title>sdpipe data</title><style>{style}</style>{''.join(sections)}\n"
+
+
+def _captions_html(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "<h2>Captions</h2><p>none in this source</p>"
+    e = html.escape
+    code = lambda p: f"<code>{e(p)}</code>"  # noqa: E731
+    short = lambda t: e(t if len(t) <= 200 else t[:200] + "...")  # noqa: E731
+    repeat = lambda p: f"{p['count']} images: {short(p['caption'])}"  # noqa: E731
+    return "".join(
+        [
+            "<h2>Captions</h2>",
+            "".join(f"<p>{e(line)}</p>" for line in caption_lines(c)),
+            _list("Caption files not read", c["problems"], lambda p: f"{code(p['path'])}: {e(p['reason'])}"),
+            _list("Missing captions", c["missing_paths"], code, c["missing"]),
+            _list("Empty captions", c["empty_paths"], code, c["empty"]),
+            _list(
+                f"Over-long captions (more than {c['max_tokens']} tokens, longest first)",
+                c["over_long_paths"],
+                lambda p: f"{code(p['path'])}: {p['tokens']} tokens, {p['cut']} cut",
+                c["over_long"],
+            ),
+            _list("Most repeated captions", c["most_repeated"], repeat),
+            _list("Images sharing a caption", c["sharing_paths"], code, c["sharing"]),
+        ]
+    )

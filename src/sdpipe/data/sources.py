@@ -39,6 +39,7 @@ class Item:
     split: str | None = None  # given by the source (split folders, DatasetDict); else from the content hash
     skip: str | None = None  # not a sample, with the reason
     problem: str | None = None  # known to be bad before reading, with the reason
+    caption_problem: tuple[str, str] | None = None  # (caption file, why) when it could not be read
 
 
 @dataclass
@@ -162,10 +163,24 @@ def _wds_item(shard: Path, sample: dict, top: dict[str, int]) -> Item:
         except ValueError:
             return Item(path=f"{shown}.{ext}", problem=f"label (.cls) is not an integer: {sample['cls'][:20]!r}")
         top["label"] = max(top["label"], label)
-    caption = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else None
+    caption, problem = decode_caption(sample["txt"]) if "txt" in sample else (None, None)
     return Item(
-        path=f"{shown}.{ext}", file=str(shard), member=f"{key}.{ext}", data=sample[ext], label=label, caption=caption
+        path=f"{shown}.{ext}",
+        file=str(shard),
+        member=f"{key}.{ext}",
+        data=sample[ext],
+        label=label,
+        caption=caption,
+        caption_problem=(f"{shown}.txt", problem) if problem else None,
     )
+
+
+def decode_caption(raw: bytes) -> tuple[str | None, str | None]:
+    """(caption, None) for UTF-8 text (a leading BOM dropped, whitespace stripped), else (None, why)."""
+    try:
+        return raw.decode("utf-8-sig").strip(), None
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); re-save it as UTF-8"
 
 
 def read_tar_member(shard: str, member: str, cache: dict[str, Any]) -> bytes:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sdpipe.data.sources import SEP, Item, Source, SourceError, files_under
+from sdpipe.data.sources import SEP, Item, Source, SourceError, decode_caption, files_under
 
 BATCH = 256
 
@@ -48,6 +48,8 @@ def _columns(features: Any, cfg: Any, where: str) -> tuple[str, str | None, str 
     if label and label not in features:
         raise SourceError(f"{where}: no column {label!r}; fix data.label_column")
     caption = cfg.caption_column or next((c for c in ("text", "caption") if c in features), None)
+    if caption and caption not in features:
+        raise SourceError(f"{where}: no column {caption!r} (columns: {', '.join(features)}); fix data.caption_column")
     return image, label, caption
 
 
@@ -87,8 +89,19 @@ def _row_item(
         label = names.get(str(value))
     elif isinstance(value, int):
         label = value
-    caption = str(row[caption_col]) if caption_col and row.get(caption_col) is not None else None
-    return Item(path=shown, file=file, member=member, data=data, label=label, caption=caption)
+    caption, problem = _cell_caption(row.get(caption_col) if caption_col else None)
+    item = Item(path=shown, file=file, member=member, data=data, label=label, caption=caption)
+    item.caption_problem = (f"{shown}[{caption_col}]", problem) if problem else None
+    return item
+
+
+def _cell_caption(value: Any) -> tuple[str | None, str | None]:
+    """A caption cell as text: strings as they are, bytes decoded as UTF-8 (never with U+FFFD)."""
+    if value is None:
+        return None, None
+    if isinstance(value, bytes):
+        return decode_caption(value)
+    return str(value), None
 
 
 def _rows(ds: Any, columns: list[str]) -> Iterator[dict]:

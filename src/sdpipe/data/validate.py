@@ -121,6 +121,7 @@ class _Pass1:
     converted_total: int = 0
     modes: Counter = field(default_factory=Counter)
     sizes: Counter = field(default_factory=Counter)
+    caption_problems: list[dict] = field(default_factory=list)  # caption files that could not be read
 
 
 def resolve_kind(source: str, cfg: DataConfig, kind: str | None) -> str:
@@ -136,6 +137,7 @@ def validate(
 ) -> dict[str, Any]:
     """Validate `source` into `out` (manifest.parquet, report.json, report.html, source_files.parquet);
     returns the report."""
+    from sdpipe.data.captions import caption_section, load_tokenizer, manifest_batches
     from sdpipe.data.report import write_report
     from sdpipe.data.versioning import write_source_files
 
@@ -145,6 +147,8 @@ def validate(
     out = Path(out)
     _check_out_dir(source, out)
     src = open_source(kind, source, cfg)
+    if cfg.caption_tokenizer:
+        load_tokenizer(cfg.caption_tokenizer)  # a bad folder fails now, not after reading every image
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").unlink(missing_ok=True)  # written last: no report, no trusted data
     partial = out / (MANIFEST + ".partial")
@@ -159,6 +163,9 @@ def validate(
     class_names = src.class_names if src.class_names_after is None else src.class_names_after()
     report = _finish(partial, out, state, class_names, cfg.near_duplicate_bits)
     partial.unlink()
+    report["captions"] = caption_section(
+        manifest_batches(out / MANIFEST), cfg.caption_max_tokens, state.caption_problems, cfg.caption_tokenizer
+    )
     report.update(
         source=str(source), kind=kind, image_column=src.image_column, validation_fraction=cfg.validation_fraction
     )
@@ -185,6 +192,10 @@ def _check_out_dir(source: str, out: Path) -> None:
 
 def _record(o: Outcome, state: _Pass1, writer: RowWriter, fraction: float, test_fraction: float) -> None:
     state.files_seen += 1
+    if o.item.caption_problem:
+        file, why = o.item.caption_problem
+        image = None if file == o.item.path else o.item.path  # None: a problem of metadata.jsonl itself
+        state.caption_problems.append({"path": file, "image": image, "reason": why})
     if o.status != "accepted":
         entry = {"path": o.item.path, "reason": o.reason}
         (state.skipped if o.status == "skipped" else state.quarantined).append(entry)
