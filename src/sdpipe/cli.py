@@ -286,7 +286,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model from a config and save it to OUT/model (checkpoints in OUT/checkpoints)."""
-    from sdpipe.pipeline import train_model
+    from sdpipe.pipeline import train_any
     from sdpipe.train.run_dir import claim_run_dir, saved_run_config
 
     with _user_errors(), _training():
@@ -296,7 +296,7 @@ def train(
         cfg = _config(config, set_, base=saved)  # checked before --overwrite removes anything
         if not resume:
             claim_run_dir(out, resume=False, overwrite=overwrite)
-        trained = train_model(cfg, out, show_progress=not quiet, resume=resume, revalidate=revalidate)
+        trained = train_any(cfg, out, show_progress=not quiet, resume=resume, revalidate=revalidate)
     out_console.print(f"model saved to {trained.model.path}")
 
 
@@ -425,7 +425,9 @@ def _loras(model: LoadedPipeline, options: list[str]) -> tuple[LoraRef, ...]:
     from sdpipe.models.lora import base_architecture, check_fits, is_registry_ref, lora_path, parse_lora_option
     from sdpipe.registry import resolve_lora
 
-    loras = tuple(parse_lora_option(text, resolve=_registry_lora) for text in options)
+    given = tuple(parse_lora_option(text, resolve=_registry_lora) for text in options)
+    named = {lora_path(ref, _registry_lora).resolve() for ref in given}
+    loras = tuple(r for r in model.default_loras if lora_path(r).resolve() not in named) + given
     for ref in loras:
         warnings = list(check_fits(model, lora_path(ref, _registry_lora)).warnings)
         path = Path(ref.ref)
@@ -477,6 +479,9 @@ app.add_typer(models_app, name="models")
 from sdpipe.registry.cli import app as registry_app  # noqa: E402
 
 app.add_typer(registry_app, name="registry")
+from sdpipe.train.cache_cli import app as cache_app  # noqa: E402
+
+app.add_typer(cache_app, name="cache")
 from sdpipe.serve.cli import serve as serve_command  # noqa: E402
 
 app.command("serve")(serve_command)

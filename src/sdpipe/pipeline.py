@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,6 +100,18 @@ class TrainedModel:
     seconds: dict[str, float]
 
 
+def train_any(
+    cfg: PipelineConfig, run_dir: str | Path, show_progress: bool = True, resume: bool = False, revalidate: bool = False
+) -> Any:
+    """What `sdpipe train` runs: `train_model` for pixel-space models, `pipeline_t2i.train_t2i_model` for
+    text-to-image ones. Either result has `.model.path`, the saved RUN/model."""
+    if cfg.model.type == "text-to-image":
+        from sdpipe.pipeline_t2i import train_t2i_model
+
+        return train_t2i_model(absolute_paths(cfg), run_dir, show_progress, resume, revalidate)
+    return train_model(cfg, run_dir, show_progress, resume, revalidate)
+
+
 def train_model(
     cfg: PipelineConfig,
     run_dir: str | Path,
@@ -111,6 +124,8 @@ def train_model(
     model to RUN/model in the diffusers-based format."""
     run_dir = Path(run_dir)
     cfg = absolute_paths(cfg)
+    if cfg.model.type != "pixel":
+        raise ValueError(f"train_model trains pixel-space models; model.type={cfg.model.type} goes to train_any")
     t0 = time.perf_counter()
     if cfg.data.source == "digits":
         check = check_dataset(load_dataset(cfg.data))

@@ -1,5 +1,6 @@
 """Training data as a map-style set: `open_split(cfg, split)` -> `ImageSet`, whose `batch(indices, gen)`
-reads, preprocesses and scales just those samples.
+reads, preprocesses and scales just those samples. For text-to-image training it also exposes each sample's
+caption, stored size and pixel digest, and `pixels(i, size)`: one image fitted to an aspect-ratio bucket.
 
 Sources other than digits are read lazily from the validated manifest (only the rows' locators are held,
 in Arrow columns); each file's bytes are checked against the sha256 recorded at validation, so a file that
@@ -19,11 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sdpipe.config import DataConfig
+from sdpipe.data.buckets import fit_to_bucket
 from sdpipe.data.digits import Dataset, load_dataset, to_model_range, to_source_range
 from sdpipe.data.manifest import MANIFEST, REPORT
-from sdpipe.data.preprocess import Preprocess
+from sdpipe.data.preprocess import FILTERS, Preprocess
 from sdpipe.data.readers import array_pixels, decode_image
 from sdpipe.data.sources import load_arrays, read_tar_member
 from sdpipe.data.splits import stratified_test
@@ -33,7 +36,8 @@ from sdpipe.data.versioning import SourceChangedError
 class ImageSet:
     """`len(s)` samples of one split; `s.batch(indices, gen)` -> (images (B, C, H, W) in [-1, 1], labels (B,)).
 
-    Unlabelled data has `class_names` None and labels all 0."""
+    Unlabelled data has `class_names` None and labels all 0. `captions` (None where a sample has none), `sizes`
+    ((width, height) as stored) and `digests` (the sha256 of each sample's decoded pixels) are per sample."""
 
     def __init__(
         self,
@@ -48,6 +52,9 @@ class ImageSet:
         in_memory: np.ndarray | None = None,
         split: str = "train",
         split_id: str | None = None,
+        captions: list[str | None] | None = None,
+        sizes: list[tuple[int, int]] | None = None,
+        digests: list[str] | None = None,
     ) -> None:
         self._reader, self._labels = reader, labels
         self._in_memory = in_memory  # (N, C, H, W) as stored: used when preprocessing changes nothing
@@ -57,6 +64,10 @@ class ImageSet:
         h, w = preprocess.output_size(*stored_size)
         self.image_shape = (preprocess.channels, h, w)
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        n = len(labels)
+        self.captions: list[str | None] = captions if captions is not None else [None] * n
+        self.sizes: list[tuple[int, int]] = sizes if sizes is not None else [(stored_size[1], stored_size[0])] * n
+        self.digests: list[str] = digests if digests is not None else [""] * n
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -91,6 +102,21 @@ class ImageSet:
         i, seed = job
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         return self.preprocess(self._reader(i), gen)
+
+    def pixels(self, i: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Sample i decoded and channel-converted, fitted to `size` (width, height) by `fit_to_bucket` (None: as
+        stored); never cropped or flipped at random. uint8 (C, H, W), 0..255 whatever the source's range."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range: this {self.split} split has {len(self)} samples")
+        raw = np.asarray(self._reader(i))
+        hi = self.value_range[1]
+        if hi != 255:  # e.g. digits (0..16): to the 8-bit range a VAE cache expects
+            raw = np.round(raw.astype(np.float64) * (255.0 / hi)).clip(0, 255).astype(np.uint8)
+        im = Image.fromarray(raw).convert("L" if self.preprocess.channels == 1 else "RGB")
+        if size is not None:
+            im = fit_to_bucket(im, (int(size[0]), int(size[1])), FILTERS[self.preprocess.resize_filter])
+        out = np.asarray(im, dtype=np.uint8)
+        return np.ascontiguousarray(out[None] if out.ndim == 2 else out.transpose(2, 0, 1))
 
     def metadata(self) -> dict[str, Any]:
         """What a model trained on this set records: data identity, range and preprocessing."""
@@ -137,7 +163,7 @@ def _digits_split(cfg: DataConfig, split: str) -> ImageSet:
     return ImageSet(
         images.__getitem__, labels, data.class_names, data.value_range, data.dataset_id, pp, (8, 8),
         in_memory=data.images[keep] if pp.resolution is None else None,
-        split=split, split_id=content_id([digests[i] for i in keep], labels),
+        split=split, split_id=content_id([digests[i] for i in keep], labels), digests=[digests[i] for i in keep],
     )  # fmt: skip
 
 
@@ -154,15 +180,18 @@ def _manifest_split(cfg: DataConfig, out: Path, split: str) -> ImageSet:
             f"{out} holds {report['kind']} data from {report['source']}, not data.source={cfg.source} "
             f"data.path={cfg.path}; validate that source into its own folder"
         )
-    table = pq.read_table(
-        out / MANIFEST, columns=["file", "member", "sha256", "label", "split", "width", "height", "channels"]
-    )
+    wanted = ["file", "member", "sha256", "pixel_sha256", "label", "split", "width", "height", "channels", "caption"]
+    table = pq.read_table(out / MANIFEST, columns=wanted)
     table = table.filter(pc.equal(table["split"], split))
     if table.num_rows == 0:
         raise ValueError(f"{out}: no samples in split {split!r} (splits: {report['split_counts']})")
-    sizes = {(h, w) for h, w in zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True)}
-    if cfg.resolution is None and len(sizes) > 1:
-        raise ValueError(f"{out}: {len(sizes)} different image sizes; set data.resolution to resize them to one")
+    each = list(zip(table["width"].to_pylist(), table["height"].to_pylist(), strict=True))
+    sizes = set(each)
+    if cfg.resolution is None and len(sizes) > 1 and not cfg.buckets:
+        raise ValueError(
+            f"{out}: {len(sizes)} different image sizes; set data.resolution to resize them to one, or "
+            "data.buckets=true (with data.resolution) to train each in its aspect-ratio bucket"
+        )
     native = int(pc.max(table["channels"]).as_py())
     labels = np.asarray(table["label"].fill_null(0).to_numpy(), dtype=np.int64)
     split_id = content_id(table["sha256"].to_pylist(), labels)
@@ -170,9 +199,11 @@ def _manifest_split(cfg: DataConfig, out: Path, split: str) -> ImageSet:
     reader = _ManifestReader(report["kind"], report["source"], columns, cfg, report.get("image_column"))
     pp = _preprocess(cfg, native)
     workers = cfg.workers or os.cpu_count() or 1
+    first_w, first_h = each[0]
     return ImageSet(
-        reader, labels, report["class_names"], (0.0, 255.0), report["dataset_id"], pp, sizes.pop(), workers,
-        split=split, split_id=split_id,
+        reader, labels, report["class_names"], (0.0, 255.0), report["dataset_id"], pp, (first_h, first_w), workers,
+        split=split, split_id=split_id, captions=table["caption"].to_pylist(), sizes=each,
+        digests=table["pixel_sha256"].to_pylist(),
     )  # fmt: skip
 
 

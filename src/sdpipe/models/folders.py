@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ def identify_folder(folder: Path, *, with_hash: bool) -> Identity:
         return identify_pipeline(folder, with_hash=with_hash)
     if (folder / "sdpipe.json").is_file():
         meta = read_json(folder / "sdpipe.json")
+        if meta.get("kind") == "lora":  # a LoRA training run's model: the base's identity, with a note
+            base = identify_folder(Path(meta["base"]), with_hash=with_hash) if Path(meta["base"]).is_dir() else None
+            if base is not None:
+                note = f"a LoRA training run: base {meta['base']} with the LoRA {meta['lora']}"
+                return replace(base, path=folder, notes=(*base.notes, note))
         if "kind" in meta:
             raise ModelFileError(
                 f"{folder}: its sdpipe.json is of kind {meta['kind']!r}, which this sdpipe cannot read"

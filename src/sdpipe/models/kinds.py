@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sdpipe.models.format import LoadedModel, load_model
+from sdpipe.models.lora import lora_ref
 from sdpipe.models.pipelines import _LOAD_LOCK, LoadedPipeline, dtype_of, load_pipeline, pipeline_sha256
 
 AnyModel = LoadedModel | LoadedPipeline
@@ -40,6 +41,14 @@ def load_any(path: str | Path, device: str = "cpu", dtype: str = "float32", conf
     from sdpipe.models.files import identify
 
     path = Path(path)
+    run_lora = lora_run(path)
+    if run_lora is not None:  # a LoRA training run's model: its base, with the LoRA on every image
+        base, lora = run_lora
+        loaded = load_any(base, device, dtype, config)
+        if not isinstance(loaded, LoadedPipeline):
+            raise ValueError(f"{path}: its base {base} is not a Stable Diffusion model")
+        loaded.default_loras = (lora_ref(lora),)
+        return loaded
     found = identify(path, with_hash=False)
     if found.kind == "pixel-class":
         if dtype != "float32":
@@ -107,3 +116,20 @@ def load_single_file(
     pipe.to(torch.device(device))
     pipe.set_progress_bar_config(disable=True)
     return LoadedPipeline(path, pipe, "sha256:" + pipeline_sha256(path)[:16], kind="sd-single-file")
+
+
+def lora_run(path: Path) -> tuple[Path, Path] | None:
+    """(base, LoRA file) when `path` is the RUN/model of a LoRA training run (sdpipe.json of kind "lora")."""
+    from sdpipe.models.folders import read_json
+
+    meta_file = path / "sdpipe.json"
+    if not (path.is_dir() and meta_file.is_file()):
+        return None
+    meta = read_json(meta_file)
+    if meta.get("kind") != "lora":
+        return None
+    base, lora = Path(meta["base"]), Path(meta["lora"])
+    for what, p in (("base", base), ("LoRA", lora)):
+        if not p.exists():
+            raise ValueError(f"{meta_file}: its {what} {p} is not there any more; train again or restore it")
+    return base, lora

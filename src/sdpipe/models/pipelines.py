@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from sdpipe.conditioning import Conditioning
+from sdpipe.conditioning import Conditioning, LoraRef
 from sdpipe.inputs import load_image
 from sdpipe.models.parts import PIPELINE_RULES, Encoded
 
@@ -74,6 +74,7 @@ class LoadedPipeline:
     kind: str = "sd-pipeline"
     micro_batch: int = 1  # no padding rows on a CPU; GPU users raise it
     memory: dict[str, bool] = field(default_factory=lambda: {"vae_tiling": False, "attention_slicing": False})
+    default_loras: tuple[LoraRef, ...] = ()  # a LoRA run's model: its LoRA, on every image unless --lora names it
     _parts: PipelineParts | None = field(default=None, repr=False)
 
     def save_memory(self, vae_tiling: bool = False, attention_slicing: bool = False) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from sdpipe.config import ModelConfig
 
@@ -47,4 +48,36 @@ def build_unet(
         resnet_time_scale_shift=cfg.resnet_time_scale_shift,
         num_class_embeds=None if num_classes is None else num_classes + 1,
         freq_shift=timestep_freq_shift(cfg.block_out_channels[0] // 2, max_time_frequency),
+    )
+
+
+def build_text_unet(
+    cfg: ModelConfig, *, sample_size: int, channels: int, cross_attention_dim: int, addition_embed: int | None = None
+) -> UNet2DConditionModel:
+    """A new text-conditioned UNet (`train.method: scratch`): cross-attention in the blocks `attention_levels`
+    lists (and the middle block), on `channels`-channel latents of side `sample_size`. With `addition_embed`
+    (the pooled text embedding's width), SDXL's added text and size conditioning."""
+    levels = range(len(cfg.block_out_channels))
+    down = tuple("CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels)
+    up = tuple("CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels))
+    extra: dict = {}
+    if addition_embed is not None:
+        extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": addition_embed + 6 * 8,
+        }
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+        resnet_time_scale_shift=cfg.resnet_time_scale_shift,
+        **extra,
     )

@@ -153,8 +153,11 @@ def fits(
 
 
 def _sd_path(path: Path) -> bool:
-    """A single file or a diffusers folder: what `sdpipe.models.kinds.load_any` loads besides sdpipe's own."""
-    return path.is_file() or (path / "model_index.json").is_file()
+    """A single file, a diffusers folder or a LoRA run's model: what `sdpipe.models.kinds.load_any` loads besides
+    sdpipe's own pixel models."""
+    from sdpipe.models.kinds import lora_run
+
+    return path.is_file() or (path / "model_index.json").is_file() or lora_run(path) is not None
 
 
 def _refuse_shadowing(ref: str, url: str | None) -> None:

@@ -1,0 +1,152 @@
+"""A text-to-image run from start to saved model: base, data, caches, the shared trainer, the export.
+
+`full` and `scratch` save RUN/model as a diffusers pipeline folder that vanilla `StableDiffusionPipeline`
+(or the SDXL one) loads. `lora` saves RUN/lora.safetensors in kohya's key format (what the web UIs and
+ComfyUI read; diffusers' `load_lora_weights` reads it too) and RUN/model/sdpipe.json naming the base and the
+LoRA, so `sdpipe generate --model RUN/model` samples the base with it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sdpipe.config import PipelineConfig
+from sdpipe.data import ImageSet
+from sdpipe.train.loop import start_run
+from sdpipe.train.t2i import TextToImageTask, load_base
+from sdpipe.train.trainer import Trainer, TrainOutcome
+
+LORA_FILE = "lora.safetensors"
+
+
+@dataclass
+class TextToImageResult:
+    outcome: TrainOutcome
+    model_dir: Path
+    lora_file: Path | None = None
+    caches: dict[str, Any] = field(default_factory=dict)
+    bucket_plan: dict[str, Any] = field(default_factory=dict)
+
+
+def train_text_to_image(
+    cfg: PipelineConfig,
+    data: ImageSet,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    validation: ImageSet | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+    cache_progress: Callable[[str, int, int], None] | None = None,
+) -> TextToImageResult:
+    """Train as `cfg.train.method` says and save RUN/model (and RUN/lora.safetensors for a LoRA)."""
+    run_dir = Path(run_dir)
+    accelerator, gen = start_run(cfg, run_dir, resume)
+    assert cfg.model.pretrained is not None  # the config check asks for it
+    base = load_base(cfg.model.pretrained, device=str(accelerator.device))
+    task = TextToImageTask(cfg, base, data, gen, accelerator.device, validation, cache_progress)
+    trainer = Trainer(cfg.train, cfg.model_dump(mode="json"), run_dir, task, accelerator, gen)
+    outcome = trainer.run(resume, progress)
+    result = TextToImageResult(
+        outcome,
+        run_dir / "model",
+        caches={"latents": task.latent_stats, "text": task.text_stats},
+        bucket_plan=task.plan.summary(),
+    )
+    if accelerator.is_main_process:
+        training = _training_record(cfg, task, base)
+        if cfg.train.method == "lora":
+            result.lora_file = save_lora(outcome.module, run_dir / LORA_FILE, cfg, base)
+            write_lora_model(run_dir / "model", result.lora_file, base, training)
+        else:
+            save_pipeline(task.pipe, outcome.module, run_dir / "model", training)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _training_record(cfg: PipelineConfig, task: TextToImageTask, base: Any) -> dict[str, Any]:
+    """What the model records of its training: method, base, data, the bucket plan, the noise process."""
+    return {
+        "method": cfg.train.method,
+        "base": {"path": str(Path(base.path).resolve()), "hash": base.hash},
+        "dataset_id": task.data.dataset_id,
+        "bucket_plan": task.plan.to_json(),
+        "prediction_type": task.sched.config["prediction_type"],
+        "zero_terminal_snr": cfg.diffusion.zero_terminal_snr,
+    }
+
+
+def save_pipeline(pipe: Any, unet: nn.Module, out: Path, training: dict[str, Any]) -> None:
+    """The base pipeline with the trained UNet as a diffusers folder; its scheduler keeps the base's class
+    with the training's prediction type (DDIM with trailing timesteps after zero-terminal-SNR training, as Lin
+    et al. 2024 sample). `sdpipe_training.json` beside model_index.json records the training."""
+    import inspect
+
+    from diffusers import DDIMScheduler
+
+    prediction = training["prediction_type"]
+    if training["zero_terminal_snr"]:
+        scheduler = DDIMScheduler.from_config(
+            pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type=prediction
+        )
+    else:
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
+    parts = {**pipe.components, "unet": unet, "scheduler": scheduler}
+    if "requires_safety_checker" in inspect.signature(type(pipe)).parameters:
+        parts["requires_safety_checker"] = False
+    type(pipe)(**parts).save_pretrained(out, safe_serialization=True)
+    (out / "sdpipe_training.json").write_text(json.dumps(training, indent=2) + "\n")
+
+
+def lora_state_dict(unet: nn.Module, alpha: float) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA in kohya's keys (`lora_unet_…​.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    peft = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    kohya = convert_state_dict_to_kohya(peft)
+    # diffusers writes alpha = rank (scale 1); kohya's loaders scale by alpha / rank, so give the real alpha
+    return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in kohya.items()}
+
+
+def save_lora(unet: nn.Module, path: Path, cfg: PipelineConfig, base: Any) -> Path:
+    """RUN/lora.safetensors, with the base's hash and the training settings in its metadata."""
+    t = cfg.train
+    alpha = t.lora_alpha if t.lora_alpha is not None else float(t.lora_rank)
+    metadata = {
+        "sdpipe.base_hash": base.hash,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(t.lora_rank),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": _base_version(base),
+    }
+    save_file(lora_state_dict(unet, alpha), str(path), metadata=metadata)
+    return path
+
+
+def _base_version(base: Any) -> str:
+    pipe = base.pipe
+    if hasattr(pipe, "text_encoder_2"):
+        return "sdxl_base_v1-0"
+    return "sd_2.0" if int(pipe.unet.config.cross_attention_dim) == 1024 else "sd_v1"
+
+
+def write_lora_model(out: Path, lora: Path, base: Any, training: dict[str, Any]) -> None:
+    """RUN/model/sdpipe.json: a `lora` kind model, the base with the run's LoRA."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": 2,
+        "kind": "lora",
+        "base": str(Path(base.path).resolve()),
+        "base_hash": base.hash,
+        "lora": str(lora.resolve()),
+        "training": training,
+    }
+    (out / "sdpipe.json").write_text(json.dumps(meta, indent=2) + "\n")
