@@ -284,3 +284,37 @@ def test_sdxl_lora_trains_resumes_and_loads_in_vanilla_diffusers(
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_pipeline, local_files_only=True)
     pipe.load_lora_weights(str(tmp_path / "full" / LORA_FILE))
     assert any(pipe.get_list_adapters().values())
+
+
+def test_two_processes_train_what_one_does(captioned: tuple[Path, Path], sd1_pipeline: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo), the caches shared: the LoRA of 1 process, within float tolerance."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if shutil.which(str(torchrun)) is None:
+        pytest.skip("no torchrun next to this Python")
+    source, validated = captioned
+    sets = [
+        "model.type=text-to-image", f"model.pretrained={sd1_pipeline}", "diffusion.formulation=ddpm",
+        "train.loss_weighting=uniform", "train.uncertainty_weighting=false", "sample.sampler=euler",
+        "data.source=folder", f"data.path={source}", f"data.validated_dir={validated}", "data.resolution=32",
+        "data.buckets=true", "data.bucket_step=16", "train.method=lora", "train.batch_size=4", "train.steps=4",
+        "train.threads=1", f"train.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    args = ["-m", "sdpipe.cli", "train", "--quiet"] + [x for s in sets for x in ("--set", s)]
+    for cmd, out in (
+        ([sys.executable], "one"),
+        ([str(torchrun), "--standalone", "--nproc_per_node", "2"], "two"),
+    ):
+        proc = subprocess.run([*cmd, *args, "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = (load_file(str(tmp_path / d / LORA_FILE)) for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one writer
