@@ -318,3 +318,26 @@ def test_two_processes_train_what_one_does(captioned: tuple[Path, Path], sd1_pip
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4)
     steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # one writer
+
+
+def test_validation_loss_is_deterministic_and_keeps_the_best(sd1_pipeline: Path, tmp_path: Path) -> None:
+    """With a validation split, the validation loss of the EMA weights is logged every N steps, is the same in
+    two runs, and the run keeps the best validation's weights (early stopping after `patience`)."""
+    from sdpipe.config import load_config as load
+
+    source = _write_images(tmp_path / "images")
+    data_cfg = load(None, ["data.validation_fraction=0.3"]).data
+    validate(str(source), tmp_path / "validated", data_cfg)
+    extra = (
+        "train.method=lora", "data.validation_fraction=0.3", "train.validate_every=2", "train.steps=8",
+        "train.early_stopping_patience=2", "train.learning_rate=0.05",
+    )  # fmt: skip
+    cfg = _config(source, tmp_path / "validated", sd1_pipeline, tmp_path / "cache", *extra)
+    train_split, val_split = open_split(cfg.data, "train"), open_split(cfg.data, "validation")
+    assert len(val_split) > 0
+    runs = [train_text_to_image(cfg, train_split, tmp_path / f"r{i}", validation=val_split) for i in range(2)]
+    values = [[e["val_loss"] for e in r.outcome.events if e.get("event") == "validation"] for r in runs]
+    assert values[0] and values[0] == values[1]
+    best = runs[0].outcome.best_step
+    assert best is not None and best % 2 == 0
+    assert (tmp_path / "r0" / "checkpoints" / "best").exists()

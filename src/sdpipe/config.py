@@ -185,7 +185,7 @@ class TrainConfig(_Section):
     eval_samples: int = Field(default=200, ge=10)
     # --- text-to-image (model.type: text-to-image) ---
     # scratch: a new UNet (shaped by `model`); full: every UNet weight of model.pretrained trains; lora: a peft
-    # LoRA on the UNet (and the text encoders with lora_text_encoder) trains, the base stays frozen
+    # LoRA on the UNet's attention trains, the base stays frozen
     method: Literal["scratch", "full", "lora"] = "scratch"
     caption_dropout: float = Field(default=0.1, ge=0, le=1)  # captions replaced by "" (for guidance)
     unconditional: bool = False  # train on images without captions (all ""); otherwise missing captions stop it
@@ -194,11 +194,7 @@ class TrainConfig(_Section):
     lora_alpha: float | None = Field(default=None, gt=0)  # None = the rank (scale 1)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     lora_targets: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
-    lora_text_encoder: bool = False  # also a LoRA on the text encoder(s) (q/k/v/out projections)
     cache_dir: str | None = None  # latent and text-embedding caches; None = sdpipe's cache folder (SDPIPE_CACHE)
-    # prompts rendered with fixed seeds every `validation_prompt_every` steps into the report's grid
-    validation_prompts: list[str] = Field(default=[])
-    validation_prompt_every: int | None = Field(default=None, ge=1)
 
 
 class SampleConfig(_Section):

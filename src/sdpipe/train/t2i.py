@@ -32,9 +32,6 @@ from sdpipe.train.cache import LatentCache, TextCache, default_root
 from sdpipe.train.losses import DiffusionLoss, TextCond, UncertaintyWeighting
 from sdpipe.train.validation import validation_loss
 
-# what a LoRA on the text encoders adapts (CLIP's attention projections, as kohya and diffusers' scripts do)
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
 
 class CaptionError(ValueError):
     """Training data whose captions cannot train a text-to-image model as configured."""
