@@ -19,7 +19,7 @@ import torch
 
 from sdpipe.models.format import LoadedModel, load_model
 from sdpipe.models.lora import lora_ref
-from sdpipe.models.pipelines import _LOAD_LOCK, LoadedPipeline, dtype_of, load_pipeline, pipeline_sha256
+from sdpipe.models.pipelines import _LOAD_LOCK, LoadedPipeline, align_weights, dtype_of, load_pipeline, pipeline_sha256
 
 AnyModel = LoadedModel | LoadedPipeline
 
@@ -114,6 +114,7 @@ def load_single_file(
     if missing:
         raise ValueError(f"{path}: the weights of {', '.join(missing)} are not in the file (config {folder})")
     pipe.to(torch.device(device))
+    align_weights(pipe)
     pipe.set_progress_bar_config(disable=True)
     return LoadedPipeline(path, pipe, "sha256:" + pipeline_sha256(path)[:16], kind="sd-single-file")
 
