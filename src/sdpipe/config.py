@@ -195,6 +195,11 @@ class TrainConfig(_Section):
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     lora_targets: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     cache_dir: str | None = None  # latent and text-embedding caches; None = sdpipe's cache folder (SDPIPE_CACHE)
+    # prompts rendered every `validation_prompt_every` steps (EMA weights, fixed seeds train.seed + k, the
+    # `sample` section's sampler, steps and guidance, data.resolution) into RUN/validation: a grid per step
+    # and grid.png over the steps; both settings or neither
+    validation_prompts: list[str] = Field(default=[])
+    validation_prompt_every: int | None = Field(default=None, ge=1)
 
 
 class SampleConfig(_Section):

@@ -96,7 +96,8 @@ def train_t2i_model(
 
 
 def write_training_report(run_dir: Path, cfg: PipelineConfig, result: TextToImageResult, seconds: dict) -> Path:
-    """RUN/training.json: method, bucket plan, what the caches built and reused, losses, events, timings."""
+    """RUN/training.json: method, bucket plan, what the caches built and reused, losses, events, the validation
+    prompts' grids, timings."""
     history = result.outcome.history
     report: dict[str, Any] = {
         "method": cfg.train.method,
@@ -111,6 +112,9 @@ def write_training_report(run_dir: Path, cfg: PipelineConfig, result: TextToImag
         "stopped_early": result.outcome.stopped_early,
         "model": str(result.model_dir),
         "lora": None if result.lora_file is None else str(result.lora_file),
+        # train.validation_prompts: [{step, path}] of each step's grid, and the grid over steps (paths in RUN)
+        "validation_grids": result.validation_grids,
+        "validation_grid": result.validation_grid,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     path = run_dir / TRAINING_REPORT

@@ -22,6 +22,7 @@ from sdpipe.config import PipelineConfig
 from sdpipe.data import ImageSet
 from sdpipe.train.loop import start_run
 from sdpipe.train.t2i import TextToImageTask, load_base
+from sdpipe.train.t2i_grid import ValidationRenderer, check_settings, step_grids, write_steps_grid
 from sdpipe.train.trainer import Trainer, TrainOutcome
 
 LORA_FILE = "lora.safetensors"
@@ -34,6 +35,8 @@ class TextToImageResult:
     lora_file: Path | None = None
     caches: dict[str, Any] = field(default_factory=dict)
     bucket_plan: dict[str, Any] = field(default_factory=dict)
+    validation_grids: list[dict[str, Any]] = field(default_factory=list)  # [{step, path}], paths in the run folder
+    validation_grid: str | None = None  # RUN/validation/grid.png (relative): the grids over steps
 
 
 def train_text_to_image(
@@ -48,19 +51,40 @@ def train_text_to_image(
 ) -> TextToImageResult:
     """Train as `cfg.train.method` says and save RUN/model (and RUN/lora.safetensors for a LoRA)."""
     run_dir = Path(run_dir)
+    rendering = check_settings(cfg)
     accelerator, gen = start_run(cfg, run_dir, resume)
     assert cfg.model.pretrained is not None  # the config check asks for it
     base = load_base(cfg.model.pretrained, device=str(accelerator.device))
     task = TextToImageTask(cfg, base, data, gen, accelerator.device, validation, cache_progress)
     trainer = Trainer(cfg.train, cfg.model_dump(mode="json"), run_dir, task, accelerator, gen)
-    outcome = trainer.run(resume, progress)
+    evaluator: Callable[[nn.Module], dict] | None = None
+    size = cfg.data.resolution or task.plan.resolution
+    if rendering:
+        scheduler = sampling_scheduler(
+            task.pipe.scheduler, task.sched.config["prediction_type"], cfg.diffusion.zero_terminal_snr
+        )
+        renderer = ValidationRenderer(
+            cfg, task.pipe, run_dir, size, dict(scheduler.config), main=accelerator.is_main_process
+        )
+
+        def render(module: nn.Module) -> dict:
+            # `module` is task.pipe.unet with the EMA weights swapped in: what the renderer samples
+            return renderer(trainer.step)
+
+        evaluator = render
+
+    outcome = trainer.run(resume, progress, evaluator, cfg.train.validation_prompt_every)
     result = TextToImageResult(
         outcome,
         run_dir / "model",
         caches={"latents": task.latent_stats, "text": task.text_stats},
         bucket_plan=task.plan.summary(),
     )
+    if rendering:
+        result.validation_grids = step_grids(outcome.events)
     if accelerator.is_main_process:
+        if rendering:
+            result.validation_grid = write_steps_grid(run_dir, result.validation_grids, renderer.prompts, size)
         training = _training_record(cfg, task, base)
         if cfg.train.method == "lora":
             result.lora_file = save_lora(outcome.module, run_dir / LORA_FILE, cfg, base)
@@ -89,20 +113,24 @@ def save_pipeline(pipe: Any, unet: nn.Module, out: Path, training: dict[str, Any
     et al. 2024 sample). `sdpipe_training.json` beside model_index.json records the training."""
     import inspect
 
-    from diffusers import DDIMScheduler
-
-    prediction = training["prediction_type"]
-    if training["zero_terminal_snr"]:
-        scheduler = DDIMScheduler.from_config(
-            pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type=prediction
-        )
-    else:
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
+    scheduler = sampling_scheduler(pipe.scheduler, training["prediction_type"], training["zero_terminal_snr"])
     parts = {**pipe.components, "unet": unet, "scheduler": scheduler}
     if "requires_safety_checker" in inspect.signature(type(pipe)).parameters:
         parts["requires_safety_checker"] = False
     type(pipe)(**parts).save_pretrained(out, safe_serialization=True)
     (out / "sdpipe_training.json").write_text(json.dumps(training, indent=2) + "\n")
+
+
+def sampling_scheduler(base: Any, prediction: str, zero_terminal_snr: bool) -> Any:
+    """The scheduler a trained model samples with: the base's class with the training's prediction type, or
+    DDIM with trailing timesteps after zero-terminal-SNR training (as Lin et al. 2024 sample)."""
+    from diffusers import DDIMScheduler
+
+    if zero_terminal_snr:
+        return DDIMScheduler.from_config(
+            base.config, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type=prediction
+        )
+    return type(base).from_config(base.config, prediction_type=prediction)
 
 
 def lora_state_dict(unet: nn.Module, alpha: float) -> dict[str, torch.Tensor]:

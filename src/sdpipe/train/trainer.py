@@ -192,6 +192,7 @@ class Trainer:
         self.policy = NonFinitePolicy(cfg.max_bad_steps)
         check = task.validator()
         self.validate = None if check is None or cfg.validate_every is None else (lambda: self.with_ema(check))
+        self.step = 0  # the step in progress while `run` trains
 
     def with_ema(self, fn: Callable[[nn.Module], Any]) -> Any:
         """`fn(module)` with the EMA weights swapped in and the module in eval mode; the training state is put
@@ -212,8 +213,12 @@ class Trainer:
         resume: bool = False,
         progress: Callable[[int, dict], None] | None = None,
         evaluator: Callable[[Any], dict] | None = None,
+        eval_every: int | None = None,
     ) -> TrainOutcome:
+        """Train; `evaluator(module)` runs on the EMA weights every `eval_every` steps (None: `train.eval_every`),
+        its dict logged as an `evaluation` event; `self.step` is the step it is called at."""
         cfg, acc, task = self.cfg, self.acc, self.task
+        every = eval_every or cfg.eval_every
         first_step, rows = self.checkpoints.resume() if resume else (1, [])
         acc.wait_for_everyone()  # every process has checked and read the folder before one writes to it
         if acc.is_main_process:
@@ -224,6 +229,7 @@ class Trainer:
             log = MetricsLog(file, rows)
             step = first_step
             while step <= cfg.steps and not self.stopper.should_stop:
+                self.step = step
                 batch = task.draw(self.gen, acc.process_index, acc.num_processes, acc.device)
                 loss, plain, grad_norm = self.runner(batch, step, cfg.grad_clip)
                 verdict = self.policy.judge(loss, grad_norm)
@@ -254,7 +260,7 @@ class Trainer:
                 log.add(row)
                 acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
                 is_best = self._validate(step, log)
-                if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                if evaluator is not None and every and step % every == 0:
                     scores = self.with_ema(evaluator)
                     log.add({"step": step, "event": "evaluation", **scores})
                     acc.log(scores, step=step)
