@@ -100,21 +100,53 @@ def _interrupted(exc: TrainingInterrupted) -> typer.Exit:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
+    which: Annotated[
+        str,
+        typer.Argument(
+            help="digits: class-conditional pixel diffusion on sklearn's digits. shapes: a text-to-image model "
+            "trained from scratch on rendered captioned shapes, judged per caption kind."
+        ),
+    ] = "digits",
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: runs/demo or runs/shapes].")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: RunOverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the whole pipeline on sklearn's digits: train, save, sample, evaluate, report (~5 min on 2 CPUs)."""
-    from sdpipe.pipeline import run_demo
+    """Run the whole pipeline on an embedded data set: train, save, sample, evaluate, report (digits ~5 min,
+    shapes ~15 min on 2 CPUs)."""
     from sdpipe.train.run_dir import claim_run_dir
 
+    if which not in ("digits", "shapes"):
+        raise typer.BadParameter(f"{which!r}: choose digits or shapes", param_hint="WHICH")
+    if which == "shapes":
+        from sdpipe.demo_shapes import run_shapes_demo
+
+        if config is not None or set_:
+            raise typer.BadParameter("the shapes demo has fixed settings (see sdpipe.demo_shapes)", param_hint="--set")
+        folder = out or Path("runs/shapes")
+        with _user_errors(), _training():
+            claim_run_dir(folder, resume=False, overwrite=overwrite, resumable=False)
+            metrics = run_shapes_demo(folder, show_progress=not quiet)
+        _print_shapes_summary(metrics, folder)
+        return
+    from sdpipe.pipeline import run_demo
+
     cfg = _config(config, set_)
+    folder = out or Path("runs/demo")
     with _user_errors(), _training():
-        claim_run_dir(out, resume=False, overwrite=overwrite, resumable=False)  # the demo has no --resume
-        result = run_demo(cfg, out, show_progress=not quiet)
-    _print_summary(result.metrics, out)
+        claim_run_dir(folder, resume=False, overwrite=overwrite, resumable=False)  # the demo has no --resume
+        result = run_demo(cfg, folder, show_progress=not quiet)
+    _print_summary(result.metrics, folder)
+
+
+def _print_shapes_summary(metrics: dict, out: Path) -> None:
+    from sdpipe.evaluate.intervals import fmt
+
+    for name, group in metrics["judge"].items():
+        if group.get("share"):
+            out_console.print(f"{name:<18} {fmt(group['share'], 1, percent=True)}  (n={group['n']})")
+    out_console.print(f"total {metrics['seconds']['total']:.0f} s; report: {out / 'report.html'}")
 
 
 def _check_seeds(seed: int, n: int) -> None:

@@ -25,7 +25,10 @@ CONFIG_FILE = "config.yaml"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "report.html", "metrics.json", "logs", "mlruns")
 # settings a resumed run may change: they do not touch the trained weights (sampling defaults saved with the
 # model, the demo's evaluation, trackers, the in-training evaluation hook)
-RESUME_MAY_CHANGE = ("sample", "evaluate", "train.trackers", "train.eval_every", "train.eval_samples")
+RESUME_MAY_CHANGE = (
+    "sample", "evaluate", "train.trackers", "train.eval_every", "train.eval_samples",
+    "train.validation_prompts", "train.validation_prompt_every",  # rendering never touches the training
+)  # fmt: skip
 
 
 class RunFolderError(ValueError):
