@@ -25,6 +25,15 @@ def timestep_freq_shift(half: int, max_frequency: float) -> int:
     return half + round((half - 1) * math.log(10000) / math.log(max_frequency))
 
 
+def block_types(cfg: ModelConfig, attention: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """diffusers' down and up block names, with `attention` ("Attn", or "CrossAttn" for text) at the levels
+    `attention_levels` lists."""
+    levels = range(len(cfg.block_out_channels))
+    down = tuple(f"{attention}DownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels)
+    up = tuple(f"{attention}UpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels))
+    return down, up
+
+
 def build_unet(
     cfg: ModelConfig, *, sample_size: int, channels: int, num_classes: int | None, max_time_frequency: float = 1.0
 ) -> UNet2DModel:
@@ -32,9 +41,7 @@ def build_unet(
     last index being the null (unconditional) label used for classifier-free guidance. `max_time_frequency`
     is the timestep embedding's highest frequency (see `timestep_freq_shift`), set by the training recipe
     to suit the range of the timesteps the network is given."""
-    levels = range(len(cfg.block_out_channels))
-    down = tuple("AttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels)
-    up = tuple("AttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels))
+    down, up = block_types(cfg, "Attn")
     return UNet2DModel(
         sample_size=sample_size,
         in_channels=channels,
@@ -57,9 +64,7 @@ def build_text_unet(
     """A new text-conditioned UNet (`train.method: scratch`): cross-attention in the blocks `attention_levels`
     lists (and the middle block), on `channels`-channel latents of side `sample_size`. With `addition_embed`
     (the pooled text embedding's width), SDXL's added text and size conditioning."""
-    levels = range(len(cfg.block_out_channels))
-    down = tuple("CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels)
-    up = tuple("CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels))
+    down, up = block_types(cfg, "CrossAttn")
     extra: dict = {}
     if addition_embed is not None:
         extra = {

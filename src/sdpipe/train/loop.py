@@ -29,7 +29,7 @@ from sdpipe.train.recipe import LevelSampler, Loss, make_objective, time_embeddi
 from sdpipe.train.run_dir import check_new_run
 from sdpipe.train.state import EpochSampler
 from sdpipe.train.trackers import accelerator_tracking
-from sdpipe.train.trainer import Trainer
+from sdpipe.train.trainer import Trainer, objective_and_plain, validation_split
 from sdpipe.train.validation import validation_loss
 
 __all__ = ["EpochSampler", "PixelTask", "TrainResult", "TrainingInterrupted", "train"]
@@ -147,19 +147,15 @@ class PixelTask:
         return x0, labels, noise, t
 
     def loss(self, objective: Any, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = (objective or self.loss_fn)(model, *batch)
-        return out if isinstance(out, tuple) else (out, out.detach())
+        return objective_and_plain(objective, self.loss_fn, model, batch)
 
     def validator(self) -> Callable[[nn.Module], float] | None:
         """The validation loss of a model on the validation split. The validation images are read once (with
         preprocessing drawn from a fixed seed) and kept."""
-        validation, cfg = self.validation, self.cfg
-        if validation is None or cfg.train.validate_every is None:
+        cfg = self.cfg
+        validation = validation_split(self.validation, cfg.train)
+        if validation is None:
             return None
-        if len(validation) == 0:
-            raise ValueError(
-                "train.validate_every is set but the validation split is empty; raise data.validation_fraction"
-            )
         x_val, y = validation.batch(torch.arange(len(validation)), torch.Generator().manual_seed(cfg.train.seed))
         y_val = y if validation.class_names else None
 

@@ -30,6 +30,7 @@ from sdpipe.data.buckets import BucketPlan, BucketSampler, plan_buckets
 from sdpipe.models.unet import build_text_unet
 from sdpipe.train.cache import LatentCache, TextCache, default_root
 from sdpipe.train.losses import DiffusionLoss, TextCond, UncertaintyWeighting
+from sdpipe.train.trainer import objective_and_plain, validation_split
 from sdpipe.train.validation import validation_loss
 
 
@@ -246,18 +247,14 @@ class TextToImageTask:
         return TextCond(emb["prompt_embeds"], {"text_embeds": emb["pooled"], "time_ids": ids})
 
     def loss(self, objective: Any, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = (objective or self.loss_fn)(model, *batch)
-        return out if isinstance(out, tuple) else (out, out.detach())
+        return objective_and_plain(objective, self.loss_fn, model, batch)
 
     def validator(self) -> Callable[[nn.Module], float] | None:
         """The validation split's loss at fixed noise, per bucket, weighted by the bucket's images."""
-        val, cfg = self.validation, self.cfg
-        if val is None or cfg.train.validate_every is None:
+        cfg = self.cfg
+        val = validation_split(self.validation, cfg.train)
+        if val is None:
             return None
-        if len(val) == 0:
-            raise ValueError(
-                "train.validate_every is set but the validation split is empty; raise data.validation_fraction"
-            )
         plan = make_plan(cfg, val, self.multiple)
         texts = Captions.of(val, cfg.train.unconditional).texts
         self._fill_caches(val, plan, texts, None)

@@ -70,6 +70,26 @@ class Task(Protocol):
         """The deterministic validation loss of a model, or None when the run does not validate."""
 
 
+def objective_and_plain(
+    objective: Any, loss_fn: Any, model: nn.Module, batch: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A diffusion task's `Task.loss`: the objective (the learned weighting, or the plain loss when there is
+    none) and the plain loss, for logging."""
+    out = (objective or loss_fn)(model, *batch)
+    return out if isinstance(out, tuple) else (out, out.detach())
+
+
+def validation_split(validation: Any, cfg: TrainConfig) -> Any:
+    """The validation split when the run validates (None otherwise); an empty one is refused, saying what to do."""
+    if validation is None or cfg.validate_every is None:
+        return None
+    if len(validation) == 0:
+        raise ValueError(
+            "train.validate_every is set but the validation split is empty; raise data.validation_fraction"
+        )
+    return validation
+
+
 @dataclass
 class TrainOutcome:
     module: nn.Module  # a copy of the network with the EMA (or best validation's) weights, in eval mode
