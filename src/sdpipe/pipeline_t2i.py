@@ -1,7 +1,7 @@
 """`sdpipe train` for text-to-image configs (`model.type: text-to-image`): validated captioned data ->
 caches -> the shared trainer -> RUN/model (and RUN/lora.safetensors) -> RUN/training.json.
 
-The pixel path is `sdpipe.pipeline.train_model`, which hands text-to-image configs to `train_t2i_model`.
+`sdpipe.pipeline.train_any` sends text-to-image configs here and pixel ones to `pipeline.train_model`.
 """
 
 from __future__ import annotations

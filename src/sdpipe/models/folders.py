@@ -246,3 +246,18 @@ def identify_pixel_class(folder: Path, meta: dict[str, Any], *, with_hash: bool)
         sha256=hashes.folder_sha256(folder, parts) if with_hash else None,
         short_hash=str(weights_hash) if weights_hash else None, notes=tuple(notes),
     )  # fmt: skip
+
+
+def lora_run(path: Path) -> tuple[Path, Path] | None:
+    """(base, LoRA file) when `path` is the RUN/model of a LoRA training run (sdpipe.json of kind "lora")."""
+    meta_file = path / "sdpipe.json"
+    if not (path.is_dir() and meta_file.is_file()):
+        return None
+    meta = read_json(meta_file)
+    if meta.get("kind") != "lora":
+        return None
+    base, lora = Path(meta["base"]), Path(meta["lora"])
+    for what, p in (("base", base), ("LoRA", lora)):
+        if not p.exists():
+            raise ValueError(f"{meta_file}: its {what} {p} is not there any more; train again or restore it")
+    return base, lora

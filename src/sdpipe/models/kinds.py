@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from sdpipe.models.format import LoadedModel, load_model
-from sdpipe.models.lora import lora_ref
 from sdpipe.models.pipelines import _LOAD_LOCK, LoadedPipeline, align_weights, dtype_of, load_pipeline, pipeline_sha256
 
 AnyModel = LoadedModel | LoadedPipeline
@@ -41,8 +40,12 @@ def load_any(path: str | Path, device: str = "cpu", dtype: str = "float32", conf
     from sdpipe.models.files import identify
 
     path = Path(path)
+    from sdpipe.models.folders import lora_run
+
     run_lora = lora_run(path)
     if run_lora is not None:  # a LoRA training run's model: its base, with the LoRA on every image
+        from sdpipe.models.lora import lora_ref
+
         base, lora = run_lora
         loaded = load_any(base, device, dtype, config)
         if not isinstance(loaded, LoadedPipeline):
@@ -117,20 +120,3 @@ def load_single_file(
     align_weights(pipe)
     pipe.set_progress_bar_config(disable=True)
     return LoadedPipeline(path, pipe, "sha256:" + pipeline_sha256(path)[:16], kind="sd-single-file")
-
-
-def lora_run(path: Path) -> tuple[Path, Path] | None:
-    """(base, LoRA file) when `path` is the RUN/model of a LoRA training run (sdpipe.json of kind "lora")."""
-    from sdpipe.models.folders import read_json
-
-    meta_file = path / "sdpipe.json"
-    if not (path.is_dir() and meta_file.is_file()):
-        return None
-    meta = read_json(meta_file)
-    if meta.get("kind") != "lora":
-        return None
-    base, lora = Path(meta["base"]), Path(meta["lora"])
-    for what, p in (("base", base), ("LoRA", lora)):
-        if not p.exists():
-            raise ValueError(f"{meta_file}: its {what} {p} is not there any more; train again or restore it")
-    return base, lora

@@ -155,7 +155,7 @@ def fits(
 def _sd_path(path: Path) -> bool:
     """A single file, a diffusers folder or a LoRA run's model: what `sdpipe.models.kinds.load_any` loads besides
     sdpipe's own pixel models."""
-    from sdpipe.models.kinds import lora_run
+    from sdpipe.models.folders import lora_run  # reads a JSON file: no model library imported
 
     return path.is_file() or (path / "model_index.json").is_file() or lora_run(path) is not None
 
