@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sdpipe.demo_shapes import ShapesBudget, run_shapes_demo, vae_config
+from sdpipe.demo_shapes_lora import LoraBudget, base_model_of, compare, run_shapes_lora_demo
 
 pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 TINY = ShapesBudget(
@@ -18,14 +19,61 @@ TINY = ShapesBudget(
 )
 
 
-def test_tiny_demo_writes_every_stage_and_judges_every_group(tmp_path: Path) -> None:
-    metrics = run_shapes_demo(tmp_path / "demo", TINY, show_progress=False)
+TINY_LORA = LoraBudget(n_images=10, steps=3, batch_size=4, prompts_per_group=4, sample_steps=2, sets=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("shapes") / "demo"
+    return out, run_shapes_demo(out, TINY, show_progress=False)
+
+
+def test_tiny_demo_writes_every_stage_and_judges_every_group(tiny_demo: tuple[Path, dict], tmp_path: Path) -> None:
+    demo, metrics = tiny_demo
     for name in ("metrics.json", "report.html", "samples.png", "run/model/model_index.json", "components/vae"):
-        assert (tmp_path / "demo" / name).exists(), name
+        assert (demo / name).exists(), name
     assert set(metrics["judge"]) == {"single/seen", "single/held_out", "relation/seen", "relation/held_out", "overall"}
     assert all(g["n"] == 4 for k, g in metrics["judge"].items() if k != "overall")
-    assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["budget"]["unet_steps"] == 4
-    assert "single/held_out" in (tmp_path / "demo" / "report.html").read_text()
+    assert json.loads((demo / "metrics.json").read_text())["budget"]["unet_steps"] == 4
+    assert "single/held_out" in (demo / "report.html").read_text()
+
+
+def test_tiny_lora_demo_judges_every_group_before_and_after(tiny_demo: tuple[Path, dict], tmp_path: Path) -> None:
+    demo, _ = tiny_demo
+    metrics = run_shapes_lora_demo(demo, tmp_path / "lora", TINY_LORA, show_progress=False)
+    run = tmp_path / "lora" / "run"
+    assert (run / "lora.safetensors").is_file()
+    assert json.loads((run / "model" / "sdpipe.json").read_text())["kind"] == "lora"
+    assert metrics["base_model"] == str(demo / "run" / "model") and metrics["data"]["train"] == 10
+    groups = ["single/seen", "single/held_out", "relation/seen", "relation/held_out", "single/new", "relation/new"]
+    assert list(metrics["judge"]) == groups
+    for g in metrics["judge"].values():
+        assert g["n"] == 4 and len(g["change_points"]["values"]) == 2
+        assert g["change_points"]["mean"] == pytest.approx(100 * (g["after"]["mean"] - g["before"]["mean"]))
+    # the LoRA run's model samples with its LoRA: its images are not the base's
+    base_png, lora_png = (tmp_path / "lora" / n for n in ("samples_base.png", "samples_lora.png"))
+    assert base_png.read_bytes() != lora_png.read_bytes()
+
+
+def test_compare_pairs_the_sets() -> None:
+    import numpy as np
+
+    class Judge:  # right when the image's single pixel is 1
+        def correct(self, image: np.ndarray, caption: str) -> bool:
+            return bool(image.flat[0])
+
+    captions = ["a red circle"] * 4 + ["a red diamond"] * 4
+    before = np.array([1, 1, 0, 0, 0, 0, 0, 0]).reshape(8, 1, 1, 1)
+    after = np.array([1, 0, 0, 0, 1, 1, 1, 0]).reshape(8, 1, 1, 1)
+    got = compare(Judge(), before, after, captions, sets=2)
+    assert got["single/seen"]["before"]["values"] == [1.0, 0.0] and got["single/seen"]["after"]["values"] == [0.5, 0.0]
+    assert got["single/seen"]["change_points"]["values"] == [-50.0, 0.0]
+    assert got["single/new"]["change_points"]["values"] == [100.0, 50.0]
+
+
+def test_lora_demo_refuses_a_base_that_is_no_demo(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sdpipe demo shapes --out"):
+        base_model_of(tmp_path)
 
 
 def test_vae_trains_with_the_shared_trainer_and_resumes_bitwise(tmp_path: Path) -> None:

@@ -17,10 +17,13 @@ from sdpipe.data.shapes import (
     COLOURS,
     GAP,
     HELD_OUT_PAIRS,
+    NEW_PAIRS,
+    NEW_SHAPE,
     RELATIONS,
     SHAPES,
     Shape,
     caption_of,
+    concept_samples,
     folder_samples,
     parse_caption,
     prompts,
@@ -92,6 +95,35 @@ def test_triangle_points_up():
     rows = render([Shape("white", "triangle", 16, 16, 12)]).any(axis=-1).sum(axis=1)
     widths = rows[rows > 0]
     assert list(widths) == sorted(widths) and widths[0] <= 2 and widths[-1] == 12
+
+
+def test_diamond_is_a_turned_square():
+    mask = render([Shape("white", NEW_SHAPE, 16, 16, 12)]).any(axis=-1)
+    widths = mask.sum(axis=1)[mask.any(axis=1)]
+    assert list(widths) == list(widths[::-1]) and max(widths) == 12 and widths[0] <= 2
+    assert np.array_equal(mask, mask.T)  # symmetric about both diagonals' axes
+    assert 0.4 < mask.sum() / 144 < 0.6
+
+
+def test_the_new_shape_stays_out_of_the_base_set():
+    assert NEW_SHAPE not in SHAPES and all(p not in HELD_OUT_PAIRS for p in NEW_PAIRS)
+    base = folder_samples(300, 100, seed=4)
+    assert not any(s.shape == NEW_SHAPE for _, x in base for s in x.shapes)
+    new = sample_shapes(300, seed=5, held_out="new")
+    assert all(any(s.shape == NEW_SHAPE for s in x.shapes) and not x.held_out for x in new)
+    assert {s.colour for x in new for s in x.shapes if s.shape == NEW_SHAPE} == set(COLOURS)
+    every = sample_shapes(600, seed=6, held_out="every")
+    assert {s.shape for x in every for s in x.shapes} == {*SHAPES, NEW_SHAPE}
+    assert all(NEW_SHAPE in c for c in prompts(50, seed=7, kind="relation", held_out=False, new=True))
+
+
+def test_concept_samples_mix_new_and_old():
+    rows = concept_samples(50, seed=0, new_share=0.8)
+    assert len(rows) == 50 and {split for split, _ in rows} == {"train"}
+    has_new = [any(s.shape == NEW_SHAPE for s in x.shapes) for _, x in rows]
+    assert sum(has_new) == 40 and not any(x.held_out for _, x in rows)
+    assert len({x.image.tobytes() for _, x in rows}) == 50
+    assert [x.caption for _, x in rows] == [x.caption for _, x in concept_samples(50, seed=0, new_share=0.8)]
 
 
 # ---------------------------------------------------------------- captions
@@ -235,6 +267,13 @@ def test_judge_reads_fresh_renders(judge, fresh):
     assert judge.read(np.zeros((32, 32, 3), np.uint8)) == []
 
 
+def test_judge_reads_the_new_shape(judge):
+    fresh_new = sample_shapes(200, seed=54321, held_out="new")
+    assert np.mean([judge.correct(s.image, s.caption) for s in fresh_new]) >= 0.98
+    square = render([Shape("red", "square", 16, 16, 12)])
+    assert judge.correct(square, "a red square") and not judge.correct(square, "a red diamond")
+
+
 def test_judge_tolerates_mild_degradation(judge, fresh):
     rng = np.random.default_rng(11)
     right = [judge.correct(degrade(s.image, rng, noise=20, blur=0.6, dim=1.0), s.caption) for s in fresh]
@@ -289,10 +328,10 @@ def test_judge_relation_follows_centres(judge):
 
 def test_score_groups_and_intervals(judge):
     images, captions = [], []
-    for i, (kind, held) in enumerate([("single", False), ("single", True), ("relation", False), ("relation", True)]):
-        for s in sample_shapes(
-            24, seed=40 + i, relation_share=float(kind == "relation"), held_out="only" if held else "exclude"
-        ):
+    modes = [("single", "exclude"), ("single", "only"), ("relation", "exclude"), ("relation", "only"),
+             ("single", "new"), ("relation", "new")]  # fmt: skip
+    for i, (kind, mode) in enumerate(modes):
+        for s in sample_shapes(24, seed=40 + i, relation_share=float(kind == "relation"), held_out=mode):
             images.append(s.image)
             captions.append(s.caption)
     images[:12] = [np.zeros((32, 32, 3), np.uint8)] * 12  # half of single/seen: nothing drawn
@@ -307,7 +346,7 @@ def test_score_groups_and_intervals(judge):
     assert result["single/seen"]["share"]["low"] < 0.5 < result["single/seen"]["share"]["high"]
     for key in GROUPS[1:]:
         assert result[key]["share"]["mean"] == 1.0
-    assert result["overall"]["n"] == 96 and result["overall"]["correct"] == 84
+    assert result["overall"]["n"] == 144 and result["overall"]["correct"] == 132
     only = judge.score(images[24:48], captions[24:48], sets=4)
     assert set(only) == {"single/held_out", "overall"}
     with pytest.raises(ValueError):

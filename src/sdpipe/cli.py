@@ -104,10 +104,16 @@ def demo(
         str,
         typer.Argument(
             help="digits: class-conditional pixel diffusion on sklearn's digits. shapes: a text-to-image model "
-            "trained from scratch on rendered captioned shapes, judged per caption kind."
+            "trained from scratch on rendered captioned shapes, judged per caption kind. shapes-lora: a LoRA that "
+            "teaches the shapes model (--base) a new shape from 50 images, judged before and after."
         ),
     ] = "digits",
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: runs/demo or runs/shapes].")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder [default: runs/demo, runs/shapes or runs/shapes-lora].")
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="shapes-lora: the output folder of `sdpipe demo shapes` [default: runs/shapes].")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     overwrite: RunOverwriteOpt = False,
@@ -117,13 +123,24 @@ def demo(
     shapes ~15 min on 2 CPUs)."""
     from sdpipe.train.run_dir import claim_run_dir
 
-    if which not in ("digits", "shapes"):
-        raise typer.BadParameter(f"{which!r}: choose digits or shapes", param_hint="WHICH")
+    if which not in ("digits", "shapes", "shapes-lora"):
+        raise typer.BadParameter(f"{which!r}: choose digits, shapes or shapes-lora", param_hint="WHICH")
+    if base is not None and which != "shapes-lora":
+        raise typer.BadParameter("--base is for shapes-lora only", param_hint="--base")
+    if which != "digits" and (config is not None or set_):
+        raise typer.BadParameter(f"the {which} demo has fixed settings (see sdpipe.demo_shapes)", param_hint="--set")
+    if which == "shapes-lora":
+        from sdpipe.demo_shapes_lora import run_shapes_lora_demo
+
+        folder = out or Path("runs/shapes-lora")
+        with _user_errors(), _training():
+            claim_run_dir(folder, resume=False, overwrite=overwrite, resumable=False)
+            metrics = run_shapes_lora_demo(base or Path("runs/shapes"), folder, show_progress=not quiet)
+        _print_lora_summary(metrics, folder)
+        return
     if which == "shapes":
         from sdpipe.demo_shapes import run_shapes_demo
 
-        if config is not None or set_:
-            raise typer.BadParameter("the shapes demo has fixed settings (see sdpipe.demo_shapes)", param_hint="--set")
         folder = out or Path("runs/shapes")
         with _user_errors(), _training():
             claim_run_dir(folder, resume=False, overwrite=overwrite, resumable=False)
@@ -138,6 +155,16 @@ def demo(
         claim_run_dir(folder, resume=False, overwrite=overwrite, resumable=False)  # the demo has no --resume
         result = run_demo(cfg, folder, show_progress=not quiet)
     _print_summary(result.metrics, folder)
+
+
+def _print_lora_summary(metrics: dict, out: Path) -> None:
+    from sdpipe.evaluate.intervals import fmt
+
+    out_console.print(f"{'group':<18} {'base':<22} {'with the LoRA':<22} change (points)")
+    for name, g in metrics["judge"].items():
+        before, after = fmt(g["before"], 1, percent=True), fmt(g["after"], 1, percent=True)
+        out_console.print(f"{name:<18} {before:<22} {after:<22} {fmt(g['change_points'], 1)}")
+    out_console.print(f"training {metrics['seconds']['train']:.0f} s; metrics: {out / 'metrics.json'}")
 
 
 def _print_shapes_summary(metrics: dict, out: Path) -> None:

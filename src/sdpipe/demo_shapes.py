@@ -119,19 +119,32 @@ def judge_prompts(b: ShapesBudget) -> list[str]:
 
 
 def sample_judge_prompts(model_dir: Path, b: ShapesBudget, show_progress: bool) -> tuple[np.ndarray, list[str]]:
-    """One image per judge prompt, image i from its own seed 10^6 + i, through the one generation path."""
+    """One image per judge prompt (`judge_prompts`)."""
+    captions = judge_prompts(b)
+    return sample_prompts(model_dir, captions, b.sample_steps, b.guidance, show_progress), captions
+
+
+def sample_prompts(
+    model_dir: Path, captions: list[str], steps: int, guidance: float, show_progress: bool,
+    label: str = "sampling judge prompts",
+) -> np.ndarray:  # fmt: skip
+    """One 32x32 image per caption, image i from its own seed 10^6 + i, through the one generation path
+    (a LoRA run's model samples with its LoRA)."""
     from sdpipe.conditioning import Conditioning
-    from sdpipe.models.pipelines import load_pipeline
+    from sdpipe.models.kinds import load_any
+    from sdpipe.models.pipelines import LoadedPipeline
     from sdpipe.sampling.generate import Row, SampleSpec, generate_items
     from sdpipe.sampling.sd_records import to_rgb8
 
-    model = load_pipeline(model_dir)
-    captions = judge_prompts(b)
-    rows = [Row(1_000_000 + i, Conditioning(prompt=c, width=32, height=32)) for i, c in enumerate(captions)]
-    spec = SampleSpec("dpmpp_2m", b.sample_steps, b.guidance, micro_batch=16)
-    with progress_bar("sampling judge prompts", len(rows), show_progress) as advance:
+    model = load_any(model_dir)
+    if not isinstance(model, LoadedPipeline):
+        raise ValueError(f"{model_dir}: not a text-to-image model")
+    cond = [Conditioning(prompt=c, width=32, height=32, loras=model.default_loras) for c in captions]
+    rows = [Row(1_000_000 + i, c) for i, c in enumerate(cond)]
+    spec = SampleSpec("dpmpp_2m", steps, guidance, micro_batch=16)
+    with progress_bar(label, len(rows), show_progress) as advance:
         out = generate_items(model.parts, rows, spec, progress=lambda n: advance(n))
-    return np.stack([to_rgb8(out[r]) for r in rows]), captions
+    return np.stack([to_rgb8(out[r]) for r in rows])
 
 
 def judge(images: np.ndarray, captions: list[str], seed: int) -> dict[str, Any]:
@@ -150,10 +163,10 @@ def reconstruction_error(vae: Any, data: Any, n: int = 256) -> float:
     return float((rec - x).abs().mean() * 127.5)
 
 
-def write_samples(path: Path, images: np.ndarray, per_group: int, columns: int = 16) -> None:
-    """A grid: per group, the first `columns` samples in a row."""
-    rows = [images[g * per_group : g * per_group + columns] for g in range(len(GROUPS))]
-    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows if len(r) == columns], axis=0)
+def write_samples(path: Path, images: np.ndarray, per_group: int, columns: int = 16, rows: int = len(GROUPS)) -> None:
+    """A grid: per group (`rows` of them, `per_group` images each), the first `columns` samples in a row."""
+    grid_rows = [images[g * per_group : g * per_group + columns] for g in range(rows)]
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in grid_rows if len(r) == columns], axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.Resampling.NEAREST).save(path)
 
 

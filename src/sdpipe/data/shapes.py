@@ -12,6 +12,9 @@ relation is unambiguous: the offset along the dominant axis is at least twice th
 
 Held-out pairs (`HELD_OUT_PAIRS`), never in a training caption, test composition: red triangle, green circle,
 blue square and white triangle. Every colour and every shape still appears in training with the others.
+
+`NEW_SHAPE` (a diamond: a square turned 45 degrees) is never in the base set: it is the concept a LoRA
+fine-tune teaches the trained model (`sdpipe demo shapes-lora`), from a few images drawn with `held_out="new"`.
 """
 
 from __future__ import annotations
@@ -36,20 +39,25 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+NEW_SHAPE = "diamond"
+ALL_SHAPES: tuple[str, ...] = (*SHAPES, NEW_SHAPE)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("white", "triangle")}
 )
 ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS)
-HELD_OUT_MODES = ("exclude", "only", "any")
+NEW_PAIRS: tuple[tuple[str, str], ...] = tuple((c, NEW_SHAPE) for c in COLOURS)
+# which pairs a sample may hold: none held out (training), one held out at least, any of the 21; one new-shape
+# pair at least (the fine-tune set), or any pair of the four shapes (what the judge is fitted on)
+HELD_OUT_MODES = ("exclude", "only", "any", "new", "every")
 
 BORDER = 1  # black pixels kept free along each edge
 GAP = 2  # least distance between two shapes' bounding boxes, px
 SIZE_RANGE = (10, 16)  # shape sizes (px across) at image size 32
 _TRIES = 10_000
 
-_PHRASE = rf"an? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_PHRASE = rf"an? ({'|'.join(COLOURS)}) ({'|'.join(ALL_SHAPES)})"
 _CAPTION = re.compile(rf"^{_PHRASE}(?: ({'|'.join(RELATIONS)}) {_PHRASE})?$")
 
 
@@ -95,7 +103,9 @@ def _mask(shape: Shape, size: int) -> np.ndarray:
     if shape.shape == "triangle":
         row = np.floor(dy + h)  # 0 at the apex row .. size-1 at the base row
         return (row >= 0) & (row < shape.size) & (np.abs(dx) <= (row + 1) / 2)
-    raise ValueError(f"unknown shape {shape.shape!r}; known: {', '.join(SHAPES)}")
+    if shape.shape == NEW_SHAPE:
+        return np.abs(dx) + np.abs(dy) <= h
+    raise ValueError(f"unknown shape {shape.shape!r}; known: {', '.join(ALL_SHAPES)}")
 
 
 def render(shapes: Sequence[Shape], size: int = 32) -> np.ndarray:
@@ -190,15 +200,15 @@ def _pairs(rng: np.random.Generator, count: int, held_out: str) -> list[tuple[st
     """`count` (colour, shape) pairs, distinct, obeying the held-out mode."""
     if held_out not in HELD_OUT_MODES:
         raise ValueError(f"held_out must be one of {HELD_OUT_MODES}, not {held_out!r}")
-    pool = SEEN_PAIRS if held_out == "exclude" else ALL_PAIRS
-    held = sorted(HELD_OUT_PAIRS)
-    chosen = [held[int(rng.integers(len(held)))]] if held_out == "only" else []
+    pool = {"exclude": SEEN_PAIRS, "new": SEEN_PAIRS + NEW_PAIRS, "every": ALL_PAIRS + NEW_PAIRS}.get(held_out, ALL_PAIRS)
+    first = {"only": sorted(HELD_OUT_PAIRS), "new": list(NEW_PAIRS)}.get(held_out)
+    chosen = [first[int(rng.integers(len(first)))]] if first else []
     while len(chosen) < count:
         pair = pool[int(rng.integers(len(pool)))]
         if pair not in chosen:
             chosen.append(pair)
-    if held_out == "only" and count == 2 and rng.random() < 0.5:
-        chosen.reverse()  # the held-out pair in either slot
+    if first and count == 2 and rng.random() < 0.5:
+        chosen.reverse()  # the held-out (or new) pair in either slot
     return chosen
 
 
@@ -233,17 +243,18 @@ def sample_shapes(
     """`n` rendered samples, the same for the same arguments.
 
     `held_out`: "exclude" (no held-out pair anywhere: training), "only" (each sample holds at least one
-    held-out pair) or "any" (pairs drawn from all 21)."""
+    held-out pair), "any" (pairs drawn from all 21), "new" (each holds at least one `NEW_SHAPE` pair, the other
+    pairs seen ones) or "every" (any pair of the four shapes)."""
     return _draw(np.random.default_rng(seed), n, relation_share, held_out, size)
 
 
-def prompts(n: int, seed: int, kind: str, held_out: bool) -> list[str]:
+def prompts(n: int, seed: int, kind: str, held_out: bool, new: bool = False) -> list[str]:
     """`n` captions of one kind ("single" | "relation") to sample a model with, for `ShapesJudge.score`;
-    with `held_out`, each holds a held-out pair, otherwise none does."""
+    with `held_out`, each holds a held-out pair, with `new` a `NEW_SHAPE` pair, otherwise none does."""
     if kind not in ("single", "relation"):
         raise ValueError(f"kind must be 'single' or 'relation', not {kind!r}")
     rng = np.random.default_rng(seed)
-    share, mode = (1.0 if kind == "relation" else 0.0), ("only" if held_out else "exclude")
+    share, mode = (1.0 if kind == "relation" else 0.0), ("new" if new else "only" if held_out else "exclude")
     return [caption_of(*_layout(rng, share, mode, 32)) for _ in range(n)]
 
 
@@ -277,15 +288,29 @@ def folder_samples(n_train: int, n_test: int, seed: int = 0) -> list[tuple[str, 
     return [(split, sample) for split, samples in parts for sample in samples]
 
 
+def concept_samples(n: int, seed: int = 0, new_share: float = 0.8) -> list[tuple[str, ShapeSample]]:
+    """The fine-tune set: `n` training samples, `round(n * new_share)` of them holding a `NEW_SHAPE` pair and
+    the rest ordinary seen ones (so the old prompts keep being shown), all different, half of each relations."""
+    taken: set[bytes] = set()
+    n_new = round(n * new_share)
+    new = _unique(np.random.default_rng([seed, 3]), n_new, "new", taken)
+    old = _unique(np.random.default_rng([seed, 4]), n - n_new, "exclude", taken)
+    return [("train", sample) for sample in new + old]
+
+
 def write_folder(out: Path, n_train: int, n_test: int, seed: int = 0) -> dict:
     """Write `folder_samples` as `out/images/NNNNN.png` and `out/metadata.jsonl` (imagefolder layout with
     `file_name`, `text`, `split` ("train" | "test"), `kind`, `held_out`; read by `sdpipe data validate`).
 
     Returns the counts per split, test part and kind. Refuses an `out` that exists and is not an empty folder."""
+    return write_samples(out, folder_samples(n_train, n_test, seed))
+
+
+def write_samples(out: Path, rows: list[tuple[str, ShapeSample]]) -> dict:
+    """Write (split, sample) rows as `write_folder` does; returns the counts."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder: choose a new one (nothing was written)")
-    rows = folder_samples(n_train, n_test, seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "test": 0, "test_seen": 0, "test_held_out": 0, "single": 0, "relation": 0}
     with open(out / "metadata.jsonl", "w", encoding="utf-8") as meta:

@@ -5,7 +5,8 @@ tolerates generated-image fuzz. Reading an image: a pixel is foreground when its
 `FOREGROUND`; its colour is the pure colour whose on-channels are those at least half its brightest;
 4-connected foreground components (split by colour when no colour holds `DOMINANT` of one) of at least
 `MIN_AREA` pixels are the shapes, each with its majority colour, its bounding-box centre, and a shape from a
-random forest on mask features (fill, row and column profiles, a 6x6 thumbnail). A caption is right when the
+random forest on mask features (fill, row and column profiles, a 6x6 thumbnail), fitted on all four shapes
+(the base set's three and the fine-tune's `NEW_SHAPE`). A caption is right when the
 image holds exactly its (colour, shape) pairs and, for a relation, the first centre is on the named side of
 the second along the dominant axis (`relation_holds`).
 """
@@ -20,13 +21,21 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.ensemble import RandomForestClassifier
 
-from sdpipe.data.shapes import COLOURS, HELD_OUT_PAIRS, SHAPES, parse_caption, relation_holds, sample_shapes
+from sdpipe.data.shapes import (
+    ALL_SHAPES,
+    COLOURS,
+    HELD_OUT_PAIRS,
+    NEW_SHAPE,
+    parse_caption,
+    relation_holds,
+    sample_shapes,
+)
 from sdpipe.evaluate.intervals import interval
 
 FOREGROUND = 100  # least brightest-channel value of a shape pixel (of 255)
 MIN_AREA = 20  # least pixels of a shape
 DOMINANT = 0.6  # least share of its majority colour for a component to stay one shape
-GROUPS = ("single/seen", "single/held_out", "relation/seen", "relation/held_out")
+GROUPS = ("single/seen", "single/held_out", "relation/seen", "relation/held_out", "single/new", "relation/new")
 _PATTERNS = {tuple(v > 0 for v in rgb): name for name, rgb in COLOURS.items()}
 _NAMES = list(COLOURS)
 _THUMB = 6
@@ -118,7 +127,7 @@ def _training_rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, 7])
     x: list[np.ndarray] = []
     y: list[int] = []
-    for i, sample in enumerate(sample_shapes(n, seed, held_out="any")):
+    for i, sample in enumerate(sample_shapes(n, seed, held_out="every")):
         image = sample.image
         if i % 3:
             image = degrade(image, rng, rng.uniform(0, 30), rng.uniform(0, 1.0), rng.uniform(0.6, 1.0))
@@ -131,7 +140,7 @@ def _training_rows(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
                 continue
             truth = min(same, key=lambda s: (s.cx - cx) ** 2 + (s.cy - cy) ** 2)
             x.append(features(mask))
-            y.append(SHAPES.index(truth.shape))
+            y.append(ALL_SHAPES.index(truth.shape))
     return np.stack(x), np.asarray(y)
 
 
@@ -154,7 +163,7 @@ class ShapesJudge:
         if not parts:
             return []
         kinds = self.classifier.predict(np.stack([features(mask) for _, mask, _, _ in parts]))
-        return [(c, SHAPES[int(k)], cx, cy) for (c, _, cx, cy), k in zip(parts, kinds, strict=True)]
+        return [(c, ALL_SHAPES[int(k)], cx, cy) for (c, _, cx, cy), k in zip(parts, kinds, strict=True)]
 
     def correct(self, image: np.ndarray, caption: str) -> bool:
         """Whether the image shows exactly the caption's shapes (colour, shape, count) in its relation."""
@@ -188,10 +197,12 @@ class ShapesJudge:
 
 
 def group_of(caption: str) -> str:
-    """ "single/seen", "single/held_out", "relation/seen" or "relation/held_out"."""
+    """ "single/seen", "single/held_out", "relation/seen", "relation/held_out" (a held-out pair), or
+    "single/new", "relation/new" (a `NEW_SHAPE` pair)."""
     pairs, relation = parse_caption(caption)
     held = any(p in HELD_OUT_PAIRS for p in pairs)
-    return f"{'single' if relation is None else 'relation'}/{'held_out' if held else 'seen'}"
+    part = "new" if any(s == NEW_SHAPE for _, s in pairs) else "held_out" if held else "seen"
+    return f"{'single' if relation is None else 'relation'}/{part}"
 
 
 def _summary(rights: list[bool], sets: int) -> dict:
