@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdpipe.demo_shapes import ShapesBudget, run_shapes_demo, vae_config
+from sdpipe.demo_shapes import ShapesBudget, run_shapes_demo, unet_config
 from sdpipe.demo_shapes_lora import LoraBudget, base_model_of, compare, run_shapes_lora_demo
 
 pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
@@ -30,7 +30,7 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_tiny_demo_writes_every_stage_and_judges_every_group(tiny_demo: tuple[Path, dict], tmp_path: Path) -> None:
     demo, metrics = tiny_demo
-    for name in ("metrics.json", "report.html", "samples.png", "run/model/model_index.json", "components/vae"):
+    for name in ("metrics.json", "report.html", "samples.png", "run/model/model_index.json", "run/components/vae"):
         assert (demo / name).exists(), name
     assert set(metrics["judge"]) == {"single/seen", "single/held_out", "relation/seen", "relation/held_out", "overall"}
     assert all(g["n"] == 4 for k, g in metrics["judge"].items() if k != "overall")
@@ -93,7 +93,9 @@ def test_vae_trains_with_the_shared_trainer_and_resumes_bitwise(tmp_path: Path) 
 
     budget = ShapesBudget(n_train=96, n_test=8, vae_steps=8, batch_size=8)
     write_folder(tmp_path / "data", budget.n_train, budget.n_test)
-    cfg = vae_config(tmp_path, budget).model_copy(deep=True)
+    from sdpipe.train.components import vae_training_config
+
+    cfg = vae_training_config(unet_config(tmp_path, budget))
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_every": 2})})
     validate(str(tmp_path / "data"), tmp_path / "validated", cfg.data)
     data = open_split(cfg.data)

@@ -97,8 +97,13 @@ class ModelConfig(_Section):
 
     type: Literal["pixel", "text-to-image"] = "pixel"
     # text-to-image: the base pipeline of `full` and `lora` (a diffusers folder, a single .safetensors file or
-    # a registry reference); for `scratch`, where the VAE, text encoder, tokenizer and scheduler come from
+    # a registry reference); for `scratch`, where the VAE, text encoder, tokenizer and scheduler come from.
+    # `scratch` without it makes its own (`sdpipe.train.components`): a VAE of `vae_channels` trained on the
+    # training images for `train.vae_steps`, CLIP's tokenizer and a small random frozen CLIP text encoder
     pretrained: str | None = None
+    vae_channels: list[int] = Field(default=[16, 32], min_length=1, max_length=4)  # 2^(len-1) = its downsampling
+    text_width: int = Field(default=64, ge=8, le=1024)
+    text_layers: int = Field(default=2, ge=1, le=12)
 
     block_out_channels: list[int] = Field(default=[32, 64], min_length=1, max_length=6)
     layers_per_block: int = Field(default=1, ge=1, le=4)
@@ -187,6 +192,7 @@ class TrainConfig(_Section):
     # scratch: a new UNet (shaped by `model`); full: every UNet weight of model.pretrained trains; lora: a peft
     # LoRA on the UNet's attention trains, the base stays frozen
     method: Literal["scratch", "full", "lora"] = "scratch"
+    vae_steps: int = Field(default=600, ge=1)  # scratch without model.pretrained: the own VAE's training steps
     caption_dropout: float = Field(default=0.1, ge=0, le=1)  # captions replaced by "" (for guidance)
     unconditional: bool = False  # train on images without captions (all ""); otherwise missing captions stop it
     noise_offset: float = Field(default=0.0, ge=0, le=1)  # N(0, offset^2) per image and channel added to the noise
@@ -266,11 +272,8 @@ class PipelineConfig(_Section):
             raise ValueError("model.type=text-to-image trains a Stable Diffusion UNet: set diffusion.formulation=ddpm")
         if self.train.loss_weighting == "edm":
             raise ValueError("model.type=text-to-image: train.loss_weighting is uniform or min_snr")
-        if self.model.pretrained is None:
-            raise ValueError(
-                f"train.method={self.train.method} needs model.pretrained: the base pipeline"
-                + (" (scratch takes its VAE, text encoder and tokenizer)" if self.train.method == "scratch" else "")
-            )
+        if self.model.pretrained is None and self.train.method != "scratch":
+            raise ValueError(f"train.method={self.train.method} needs model.pretrained: the base pipeline")
         if self.diffusion.zero_terminal_snr and self.diffusion.prediction_type == "epsilon":
             raise ValueError(
                 "diffusion.zero_terminal_snr needs prediction_type=v_prediction (epsilon is undefined at SNR 0)"

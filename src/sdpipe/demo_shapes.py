@@ -1,11 +1,11 @@
 """`sdpipe demo shapes`: a text-to-image model trained from scratch on the project's own captioned shapes,
 judged per caption kind with seen and held-out colour-shape pairs apart.
 
-Steps, each a function of its stage: render the set (`data.shapes`) -> `sdpipe data validate` -> train a small
-VAE (`train.vae`, the shared trainer) -> save components (`models.components`: CLIP's tokenizer, a small frozen
-random text encoder, that VAE) -> `train.method: scratch` (`pipeline_t2i`) -> sample judge prompts with fixed
-seeds through the one generation path -> `ShapesJudge` (fitted on rendered images only) -> metrics.json,
-samples.png and report.html.
+Steps, each a function of its stage: render the set (`data.shapes`) -> `sdpipe data validate` ->
+`train.method: scratch` without `model.pretrained` (`pipeline_t2i`), which trains its own small VAE and takes a
+small frozen random text encoder (`train.components`) before the UNet -> sample judge prompts with fixed seeds
+through the one generation path -> `ShapesJudge` (fitted on rendered images only) -> metrics.json, samples.png
+and report.html.
 """
 
 from __future__ import annotations
@@ -48,19 +48,11 @@ def _data_sets(out: Path) -> list[str]:
             "data.resolution=32", "data.channels=rgb"]  # fmt: skip
 
 
-def vae_config(out: Path, b: ShapesBudget) -> PipelineConfig:
-    return load_config(None, [
-        *_data_sets(out), f"train.steps={b.vae_steps}", f"train.batch_size={b.batch_size}", "train.learning_rate=1e-3",
-        "train.warmup_steps=20", "train.uncertainty_weighting=false", "train.ema_decay=0.99",
-        "train.checkpoint_every=200", f"train.seed={b.seed}",
-    ])  # fmt: skip
-
-
 def unet_config(out: Path, b: ShapesBudget) -> PipelineConfig:
     return load_config(None, [
-        *_data_sets(out), "model.type=text-to-image", f"model.pretrained={out / 'components'}",
-        "train.method=scratch", "model.block_out_channels=[64, 128]", "model.attention_levels=[1]",
-        "model.layers_per_block=1", "model.norm_num_groups=32", "model.attention_head_dim=32",
+        *_data_sets(out), "model.type=text-to-image", "train.method=scratch", f"train.vae_steps={b.vae_steps}",
+        "model.block_out_channels=[64, 128]", "model.attention_levels=[1]", "model.layers_per_block=1",
+        "model.norm_num_groups=32", "model.attention_head_dim=32",
         "diffusion.formulation=ddpm", "diffusion.prediction_type=v_prediction", "train.loss_weighting=min_snr",
         "train.uncertainty_weighting=false", "train.caption_dropout=0.1", f"train.steps={b.unet_steps}",
         f"train.batch_size={b.batch_size}", "train.learning_rate=1e-3", "train.warmup_steps=50",
@@ -74,28 +66,20 @@ def run_shapes_demo(out: str | Path, budget: ShapesBudget | None = None, show_pr
     from sdpipe.data import open_split
     from sdpipe.data.shapes import write_folder
     from sdpipe.data.validate import validate
-    from sdpipe.models.components import save_components, small_vae
     from sdpipe.pipeline_t2i import train_t2i_model
-    from sdpipe.train.vae import latent_scale, train_vae
 
     b, out = budget or ShapesBudget(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t0 = t = time.perf_counter()
     counts = write_folder(out / "data", b.n_train, b.n_test, b.seed)
-    vcfg = vae_config(out, b)
-    validate(str(out / "data"), out / "validated", vcfg.data)
+    cfg = unet_config(out, b)
+    validate(str(out / "data"), out / "validated", cfg.data)
     seconds["data"], t = time.perf_counter() - t, time.perf_counter()
 
-    data = open_split(vcfg.data)
-    with progress_bar("training the VAE", b.vae_steps, show_progress) as advance:
-        vae = train_vae(vcfg, small_vae(seed=b.seed), data, out / "vae", progress=lambda s, r: advance(1))
-    vae.register_to_config(scaling_factor=latent_scale(vae, data))
-    save_components(out / "components", vae, seed=b.seed)
-    seconds["vae"], t = time.perf_counter() - t, time.perf_counter()
-
-    trained = train_t2i_model(unet_config(out, b), out / "run", show_progress)
-    seconds["unet"], t = time.perf_counter() - t, time.perf_counter()
+    trained = train_t2i_model(cfg, out / "run", show_progress)
+    seconds["vae"] = trained.seconds["components"]
+    seconds["unet"], t = time.perf_counter() - t - seconds["vae"], time.perf_counter()
 
     images, captions = sample_judge_prompts(trained.model.path, b, show_progress)
     seconds["sample"], t = time.perf_counter() - t, time.perf_counter()
@@ -103,7 +87,7 @@ def run_shapes_demo(out: str | Path, budget: ShapesBudget | None = None, show_pr
     seconds["judge"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     metrics = {"budget": asdict(b), "data": counts, "judge": scores, "goals": GOALS,
-               "vae_reconstruction_error": reconstruction_error(vae, data),
+               "vae_reconstruction_error": reconstruction_error(own_vae(out / "run"), open_split(cfg.data)),
                "final_loss": trained.result.outcome.history[-1]["loss"],
                "seconds": {k: round(v, 1) for k, v in seconds.items()}}  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -151,6 +135,15 @@ def judge(images: np.ndarray, captions: list[str], seed: int) -> dict[str, Any]:
     from sdpipe.evaluate.shapes_judge import ShapesJudge
 
     return ShapesJudge.fit(seed=seed).score(images, captions, sets=4)
+
+
+def own_vae(run_dir: Path) -> Any:
+    """The VAE a scratch run trained for itself (RUN/components/vae)."""
+    from diffusers import AutoencoderKL
+
+    from sdpipe.train.components import COMPONENTS
+
+    return AutoencoderKL.from_pretrained(run_dir / COMPONENTS / "vae", local_files_only=True)
 
 
 def reconstruction_error(vae: Any, data: Any, n: int = 256) -> float:

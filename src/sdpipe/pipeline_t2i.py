@@ -1,5 +1,6 @@
 """`sdpipe train` for text-to-image configs (`model.type: text-to-image`): validated captioned data ->
-caches -> the shared trainer -> RUN/model (and RUN/lora.safetensors) -> RUN/training.json.
+(a scratch run without `model.pretrained`: its own VAE and text encoder, `train.components`) -> caches -> the
+shared trainer -> RUN/model (and RUN/lora.safetensors) -> RUN/training.json.
 
 `sdpipe.pipeline.train_any` sends text-to-image configs here and pixel ones to `pipeline.train_model`.
 """
@@ -19,6 +20,7 @@ from accelerate import PartialState
 from sdpipe.config import PipelineConfig
 from sdpipe.data import SourceChangedError, ensure_validated, open_split
 from sdpipe.progress import progress_bar
+from sdpipe.train.components import make_components, makes_own_components, with_components
 from sdpipe.train.t2i_run import TextToImageResult, train_text_to_image
 
 TRAINING_REPORT = "training.json"
@@ -75,6 +77,11 @@ def train_t2i_model(
     seconds = {"data": time.perf_counter() - t0}
     main = PartialState(cpu=True).is_main_process
     t = time.perf_counter()
+    if makes_own_components(cfg):
+        with progress_bar("training the VAE", cfg.train.vae_steps, show_progress and main) as advance:
+            make_components(cfg, data, run_dir, resume=resume, progress=lambda step, row: advance(1))
+        cfg = with_components(cfg, run_dir)
+        seconds["components"], t = time.perf_counter() - t, time.perf_counter()
     phases = _PhaseBars(show_progress and main)
     try:
         with progress_bar("training", cfg.train.steps, show_progress and main) as advance:

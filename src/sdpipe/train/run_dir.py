@@ -4,6 +4,7 @@
     RUN/metrics.jsonl     see sdpipe.train.metrics
     RUN/checkpoints/      see sdpipe.train.checkpoint
     RUN/model/, RUN/report.html, RUN/metrics.json, RUN/logs/, RUN/mlruns/   written by the pipeline, trackers
+    RUN/vae/, RUN/components/   a text-to-image scratch run's own VAE run and components (train.components)
 
 A new run never starts in a folder holding another run's files: it is refused, naming `--resume` and
 `--overwrite`, and `--overwrite` removes those files (and nothing else) first.
@@ -23,6 +24,9 @@ from sdpipe.train.checkpoint import latest_checkpoint
 
 CONFIG_FILE = "config.yaml"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "report.html", "metrics.json", "logs", "mlruns")
+# a text-to-image scratch run's own components (train.components), made before the UNet's run starts in the same
+# folder: removed by --overwrite with the rest; train.components refuses to reuse them unless resuming
+COMPONENT_FILES = ("components", "vae", ".components.partial")
 # settings a resumed run may change: they do not touch the trained weights (sampling defaults saved with the
 # model, the demo's evaluation, trackers, the in-training evaluation hook)
 RESUME_MAY_CHANGE = (
@@ -60,7 +64,8 @@ def check_resumable(run_dir: Path) -> None:
     """Refuse to resume from a folder that is missing or holds no run."""
     if not run_dir.is_dir():
         raise RunFolderError(f"--resume: there is no run folder {run_dir}; check the path, or start without --resume")
-    if not ((run_dir / CONFIG_FILE).is_file() or (run_dir / "checkpoints" / "latest").is_file()):
+    own_vae = run_dir / "vae" / CONFIG_FILE  # a scratch run cut while it trained its own VAE
+    if not ((run_dir / CONFIG_FILE).is_file() or (run_dir / "checkpoints" / "latest").is_file() or own_vae.is_file()):
         raise RunFolderError(
             f"--resume: {run_dir} holds no run (no {CONFIG_FILE}, no checkpoints/latest); start it without --resume"
         )
@@ -81,7 +86,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, resumable: bo
 
 def remove_run(run_dir: Path) -> None:
     """Delete a run's files from `run_dir`, leaving anything else in it."""
-    for name in run_files(run_dir):
+    for name in [*run_files(run_dir), *(n for n in COMPONENT_FILES if (run_dir / n).exists())]:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)  # other processes of the run may be removing it too
