@@ -384,6 +384,15 @@ def evaluate(
     reference: Annotated[
         Path | None, typer.Option(help="Text-to-image: a folder of real images for FID/KID (with its own floor).")
     ] = None,
+    held_out: Annotated[
+        bool,
+        typer.Option(
+            "--held-out",
+            help="Text-to-image models sdpipe trained on a labelled captioned folder: sample the held-out split's "
+            "captions (4 sets) and judge them with a judge fitted on the real training images: prompt adherence, "
+            "FD ratio, two-sample test.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a saved model. Pixel-space class models: FID/KID/precision/recall against the held-out split,
@@ -396,6 +405,15 @@ def evaluate(
         names = None if samplers is None else parse_list(samplers, "--samplers")  # checked before any loading
         counts = check_sweep(names or [], parse_list(steps, "--steps"))
         loaded = _load(model)
+        if held_out:
+            from sdpipe.evaluate.captioned_judge import judge_held_out, training_data, write_held_out
+
+            if not isinstance(loaded, LoadedPipeline):
+                raise ValueError("--held-out is for text-to-image models")
+            figures = judge_held_out(loaded.path, training_data(loaded.path), show_progress=not quiet)
+            for line in write_held_out(out, figures):
+                out_console.print(line, markup=False, highlight=False)
+            return
         if isinstance(loaded, LoadedPipeline):
             _evaluate_text_to_image(loaded, out, prompts, n, clip, reference, inception, quiet)
             return

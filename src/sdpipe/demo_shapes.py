@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 
 from sdpipe.config import PipelineConfig, load_config
-from sdpipe.progress import progress_bar
 
 GROUPS = {("single", False): "single/seen", ("single", True): "single/held_out",
           ("relation", False): "relation/seen", ("relation", True): "relation/held_out"}  # fmt: skip
@@ -104,31 +103,11 @@ def judge_prompts(b: ShapesBudget) -> list[str]:
 
 def sample_judge_prompts(model_dir: Path, b: ShapesBudget, show_progress: bool) -> tuple[np.ndarray, list[str]]:
     """One image per judge prompt (`judge_prompts`)."""
+    from sdpipe.evaluate.captioned_judge import sample_prompts
+
     captions = judge_prompts(b)
-    return sample_prompts(model_dir, captions, b.sample_steps, b.guidance, show_progress), captions
-
-
-def sample_prompts(
-    model_dir: Path, captions: list[str], steps: int, guidance: float, show_progress: bool,
-    label: str = "sampling judge prompts",
-) -> np.ndarray:  # fmt: skip
-    """One 32x32 image per caption, image i from its own seed 10^6 + i, through the one generation path
-    (a LoRA run's model samples with its LoRA)."""
-    from sdpipe.conditioning import Conditioning
-    from sdpipe.models.kinds import load_any
-    from sdpipe.models.pipelines import LoadedPipeline
-    from sdpipe.sampling.generate import Row, SampleSpec, generate_items
-    from sdpipe.sampling.sd_records import to_rgb8
-
-    model = load_any(model_dir)
-    if not isinstance(model, LoadedPipeline):
-        raise ValueError(f"{model_dir}: not a text-to-image model")
-    cond = [Conditioning(prompt=c, width=32, height=32, loras=model.default_loras) for c in captions]
-    rows = [Row(1_000_000 + i, c) for i, c in enumerate(cond)]
-    spec = SampleSpec("dpmpp_2m", steps, guidance, micro_batch=16)
-    with progress_bar(label, len(rows), show_progress) as advance:
-        out = generate_items(model.parts, rows, spec, progress=lambda n: advance(n))
-    return np.stack([to_rgb8(out[r]) for r in rows])
+    images = sample_prompts(model_dir, captions, b.sample_steps, b.guidance, show_progress, "sampling judge prompts")
+    return images, captions
 
 
 def judge(images: np.ndarray, captions: list[str], seed: int) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from sdpipe.config import PipelineConfig, load_config
-from sdpipe.demo_shapes import GROUPS, sample_prompts, write_samples
+from sdpipe.demo_shapes import GROUPS, write_samples
+from sdpipe.evaluate.captioned_judge import sample_prompts
 
 NEW_GROUPS = {("single", "new"): "single/new", ("relation", "new"): "relation/new"}
 MAX_POINTS_LOST = 5.0  # the bar: the old prompts lose at most this many points

@@ -200,7 +200,8 @@ def _pairs(rng: np.random.Generator, count: int, held_out: str) -> list[tuple[st
     """`count` (colour, shape) pairs, distinct, obeying the held-out mode."""
     if held_out not in HELD_OUT_MODES:
         raise ValueError(f"held_out must be one of {HELD_OUT_MODES}, not {held_out!r}")
-    pool = {"exclude": SEEN_PAIRS, "new": SEEN_PAIRS + NEW_PAIRS, "every": ALL_PAIRS + NEW_PAIRS}.get(held_out, ALL_PAIRS)
+    pools = {"exclude": SEEN_PAIRS, "new": SEEN_PAIRS + NEW_PAIRS, "every": ALL_PAIRS + NEW_PAIRS}
+    pool = pools.get(held_out, ALL_PAIRS)
     first = {"only": sorted(HELD_OUT_PAIRS), "new": list(NEW_PAIRS)}.get(held_out)
     chosen = [first[int(rng.integers(len(first)))]] if first else []
     while len(chosen) < count:

@@ -101,6 +101,7 @@ def _training_record(cfg: PipelineConfig, task: TextToImageTask, base: Any) -> d
         "method": cfg.train.method,
         "base": {"path": str(Path(base.path).resolve()), "hash": base.hash},
         "dataset_id": task.data.dataset_id,
+        "data": cfg.data.model_dump(mode="json"),  # where the held-out split is (`sdpipe evaluate --held-out`)
         "bucket_plan": task.plan.to_json(),
         "prediction_type": task.sched.config["prediction_type"],
         "zero_terminal_snr": cfg.diffusion.zero_terminal_snr,
