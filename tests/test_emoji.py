@@ -63,6 +63,19 @@ def test_converter_writes_a_captioned_labelled_folder(tmp_path: Path) -> None:
         write_emoji_folder(tmp_path, tmp_path / "other")
 
 
+def test_data_emoji_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sdpipe.cli import app
+
+    package = _fake_package(tmp_path / "package", per_category=2)
+    result = CliRunner().invoke(app, ["data", "emoji", str(package), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "6 images in 3 categories" in result.output and (tmp_path / "out" / "metadata.jsonl").is_file()
+    result = CliRunner().invoke(app, ["data", "emoji", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "emoji.json" in result.output
+
+
 def test_captions_and_folder_names() -> None:
     entry = {"name": "GRINNING FACE", "subcategory": "face-smiling"}
     assert caption_of(entry) == "grinning face, face smiling"

@@ -1,0 +1,44 @@
+"""Tables: sources (CSV, Parquet, SQL) -> `sdpipe data validate TABLE` (schema, checks, splits, manifest,
+report). See docs/tables.md.
+
+`validate_table(cfg, out)` validates the table a `TableDataConfig` names; `load_table` reads one untyped;
+`infer_schema` types it. Names are imported on first use, so importing the package costs nothing (pandas
+is loaded only when a table is read).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdpipe.tabular.config import TableConfigError, TableDataConfig, load_table_config
+    from sdpipe.tabular.schema import TypedTable, infer_schema
+    from sdpipe.tabular.sources import RawTable, TableError, is_table_source, load_table
+    from sdpipe.tabular.validate import validate_table
+
+_HOME = {
+    **dict.fromkeys(["TableConfigError", "TableDataConfig", "load_table_config"], "config"),
+    **dict.fromkeys(["TypedTable", "infer_schema"], "schema"),
+    **dict.fromkeys(["RawTable", "TableError", "is_table_source", "load_table"], "sources"),
+    "validate_table": "validate",
+}
+
+__all__ = [
+    "RawTable",
+    "TableConfigError",
+    "TableDataConfig",
+    "TableError",
+    "TypedTable",
+    "infer_schema",
+    "is_table_source",
+    "load_table",
+    "load_table_config",
+    "validate_table",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'sdpipe.tabular' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sdpipe.tabular.{_HOME[name]}"), name)
