@@ -109,15 +109,19 @@ def test_held_out_judge_scores_real_held_out_images_as_real(emoji_run, monkeypat
 
     model, cfg = emoji_run
     test = split_arrays(cfg.data, "test")
-    asked: list[list[str]] = []
+    asked: list[tuple[list[str], int]] = []
 
-    def real_images(model_dir, captions, *args, **kwargs):  # the held-out images themselves, as samples
-        asked.append(captions)
+    def real_images(model_dir, captions, steps, guidance, show, label, first_seed, size):  # held-out images as samples
+        asked.append((captions, first_seed))
         return test.images.transpose(0, 2, 3, 1).astype(np.uint8)
 
     monkeypatch.setattr(cj, "sample_prompts", real_images)
     got = cj.judge_held_out(model, cj.training_data(model), sets=2, show_progress=False)
-    assert got["n_per_set"] == len(test.labels) >= 10 and len(asked) == 2
+    from sdpipe.data import open_split
+
+    n = got["n_per_set"]
+    assert n == len(test.labels) >= 10 and [seed for _, seed in asked] == [1_000_000, 1_000_000 + n]
+    assert all(captions == open_split(cfg.data, "test").captions for captions, _ in asked)  # in label order
     assert got["prompt_adherence"]["mean"] == pytest.approx(got["prompt_adherence_real"])
     assert got["prompt_adherence_real"] > got["prompt_adherence_chance"]
     assert got["fd_ratio"]["mean"] < 1e-3  # identical to the reference (sqrtm leaves rounding)

@@ -5,6 +5,7 @@ never reused silently; `--overwrite` removes them; vanilla diffusers samples the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,9 @@ def test_scratch_without_pretrained_trains_its_own_components(shapes: Path, tmp_
     trained = train_t2i_model(_config(shapes, tmp_path / "cache"), run, show_progress=False)
     assert (run / "vae" / "config.yaml").is_file() and (run / "vae" / "checkpoints").is_dir()
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["model"]["pretrained"] == str(run / "components")  # the UNet trained on these components
+    assert saved["model"]["pretrained"] is None  # the run's config says what the user said
+    record = json.loads((trained.model.path / "sdpipe_training.json").read_text())
+    assert record["base"]["path"] == str((run / "components").resolve())  # the UNet trained on these components
     comps = diffusers.StableDiffusionPipeline.from_pretrained(run / "components", local_files_only=True)
     assert comps.vae.config.block_out_channels == [8, 16] and comps.text_encoder.config.hidden_size == 32
     assert comps.vae.config.scaling_factor != 0.18215  # the own VAE's measured latent scale
@@ -71,7 +74,8 @@ def test_a_run_cut_while_its_vae_trains_resumes_to_the_same_weights(shapes: Path
     from safetensors.torch import load_file
 
     from sdpipe.data import open_split
-    from sdpipe.train.components import make_components, vae_training_config
+    from sdpipe.train.components import make_components, start_own_components, vae_training_config
+    from sdpipe.train.run_dir import saved_run_config
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
 
@@ -82,13 +86,15 @@ def test_a_run_cut_while_its_vae_trains_resumes_to_the_same_weights(shapes: Path
         if step == 3:
             raise Interrupt
 
+    start_own_components(cfg, cut, resume=False)
     with pytest.raises(Interrupt):
-        make_components(cfg, open_split(cfg.data), tmp_path / "cut", progress=stop)
-    assert not (tmp_path / "cut" / "components").exists()
+        make_components(cfg, open_split(cfg.data), cut, progress=stop)
+    assert not (cut / "components").exists()
     with pytest.raises(RunFolderError, match="--resume"):
-        train_t2i_model(cfg, tmp_path / "cut", show_progress=False)
-    claim_run_dir(tmp_path / "cut", resume=True, overwrite=False)  # a cut VAE run counts as a run
-    train_t2i_model(cfg, tmp_path / "cut", show_progress=False, resume=True)
+        train_t2i_model(cfg, cut, show_progress=False)
+    claim_run_dir(cut, resume=True, overwrite=False)  # a run cut in its VAE is a run to resume ...
+    assert saved_run_config(cut) == cfg.model_dump(mode="json")  # ... as itself: `sdpipe train --out RUN --resume`
+    train_t2i_model(load_config(None, [], base=saved_run_config(cut)), cut, show_progress=False, resume=True)
     a, b = _vae_weights(tmp_path / "whole"), _vae_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert vae_training_config(cfg).train.steps == 6
@@ -112,3 +118,16 @@ def test_components_of_an_earlier_start_are_not_reused_unless_resuming(shapes: P
         train_t2i_model(cfg, run, show_progress=False)
     claim_run_dir(run, resume=False, overwrite=True)
     assert not (run / "components").exists() and not (run / "vae").exists()
+
+
+def test_a_saved_config_keeps_the_bases_prediction_type(shapes: Path, tmp_path: Path) -> None:
+    """A resumed run reads its config back from RUN/config.yaml: the base's prediction type must survive that."""
+    from sdpipe.train.t2i import training_scheduler
+
+    cfg = _config(shapes, tmp_path / "cache")
+    again = load_config(None, [], base=cfg.model_dump(mode="json"))
+    for c in (cfg, again):
+        assert training_scheduler(c, {"prediction_type": "epsilon"}).config["prediction_type"] == "epsilon"
+    chosen = load_config(None, ["diffusion.prediction_type=v_prediction"], base=again.model_dump(mode="json"))
+    assert training_scheduler(chosen, {"prediction_type": "epsilon"}).config["prediction_type"] == "v_prediction"
+    assert load_config(None, []).diffusion.prediction_type == "v_prediction"  # pixel models: as before

@@ -128,7 +128,8 @@ def demo(
     if base is not None and which != "shapes-lora":
         raise typer.BadParameter("--base is for shapes-lora only", param_hint="--base")
     if which != "digits" and (config is not None or set_):
-        raise typer.BadParameter(f"the {which} demo has fixed settings (see sdpipe.demo_shapes)", param_hint="--set")
+        module = "sdpipe.demo_shapes" + ("_lora" if which == "shapes-lora" else "")
+        raise typer.BadParameter(f"the {which} demo has fixed settings (see {module})", param_hint="--config/--set")
     if which == "shapes-lora":
         from sdpipe.demo_shapes_lora import run_shapes_lora_demo
 

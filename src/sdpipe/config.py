@@ -119,6 +119,9 @@ class ModelConfig(_Section):
         bad = [i for i in self.attention_levels if not 0 <= i < len(self.block_out_channels)]
         if bad:
             raise ValueError(f"attention_levels {bad} out of range: allowed 0..{len(self.block_out_channels) - 1}")
+        heads = max(1, self.text_width // 32)  # the own text encoder's heads (models.components)
+        if self.text_width % heads:
+            raise ValueError(f"model.text_width {self.text_width} must split into {heads} attention heads of 32+")
         odd = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if odd:
             raise ValueError(f"block_out_channels {odd} are not multiples of norm_num_groups")
@@ -128,7 +131,9 @@ class ModelConfig(_Section):
 class DiffusionConfig(_Section):
     """How noise is added in training; saved as the diffusers scheduler config of the model."""
 
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    # None: v_prediction for pixel models; for text-to-image, the base's (its scheduler config). Explicit, not
+    # "whether the key was given", so a run's saved config resumes with the prediction type it started with
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     num_train_timesteps: int = Field(default=1000, ge=10, le=10000)
     schedule_shift: float = Field(default=1.0, gt=0, le=64)  # SNR x shift^2 ("simple diffusion"); 1 = none
@@ -250,6 +255,8 @@ class PipelineConfig(_Section):
     def _check_combinations(self) -> PipelineConfig:
         if self.model.type == "text-to-image":
             return self._check_text_to_image()
+        if self.diffusion.prediction_type is None:
+            self.diffusion.prediction_type = "v_prediction"
         if self.diffusion.formulation == "edm":
             if self.sample.sampler not in EDM_SAMPLERS:
                 raise ValueError(

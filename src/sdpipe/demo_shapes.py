@@ -40,6 +40,9 @@ class ShapesBudget:
     sample_steps: int = 20
     guidance: float = 3.0
     seed: int = 0
+    # torch threads: on 2 cores one thread is as fast for this small model and does not collapse when other
+    # work takes the second core (bench/train_t2i.py measured the same for the LoRA step)
+    threads: int = 1
 
 
 def _data_sets(out: Path) -> list[str]:
@@ -56,6 +59,7 @@ def unet_config(out: Path, b: ShapesBudget) -> PipelineConfig:
         "train.uncertainty_weighting=false", "train.caption_dropout=0.1", f"train.steps={b.unet_steps}",
         f"train.batch_size={b.batch_size}", "train.learning_rate=1e-3", "train.warmup_steps=50",
         "train.checkpoint_every=500", f"train.seed={b.seed}", f"train.cache_dir={out / 'cache'}",
+        f"train.threads={b.threads}",
         "sample.sampler=dpmpp_2m", f"sample.steps={b.sample_steps}", f"sample.guidance={b.guidance}",
     ])  # fmt: skip
 
@@ -157,6 +161,6 @@ def write_report(path: Path, metrics: dict[str, Any]) -> None:
         "<html><head><meta charset='utf-8'><title>sdpipe demo: shapes</title></head><body>"
         "<h1>sdpipe demo: shapes</h1><p>Share of samples the judge reads as the caption (mean over 4 sets, 95 % "
         "interval).</p><table border=1><tr><th>group</th><th>n</th><th>correct</th><th>goal</th></tr>"
-        f"{body}</table><p><img src='samples.png'> (rows: {', '.join(GOALS)})</p><p>seconds: {seconds}</p>"
+        f"{body}</table><p><img src='samples.png'> (rows: {', '.join(GROUPS.values())})</p><p>seconds: {seconds}</p>"
         "</body></html>\n"
     )

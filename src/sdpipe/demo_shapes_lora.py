@@ -42,6 +42,7 @@ class LoraBudget:
     guidance: float = 3.0
     sets: int = 4
     seed: int = 0
+    threads: int = 1  # as the shapes demo (ShapesBudget.threads)
 
 
 def lora_config(out: Path, base_model: Path, b: LoraBudget) -> PipelineConfig:
@@ -55,7 +56,7 @@ def lora_config(out: Path, base_model: Path, b: LoraBudget) -> PipelineConfig:
         f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.learning_rate={b.learning_rate}",
         "train.warmup_steps=20", f"train.checkpoint_every={b.steps}", f"train.seed={b.seed}",
         f"train.cache_dir={out / 'cache'}", "sample.sampler=dpmpp_2m", f"sample.steps={b.sample_steps}",
-        f"sample.guidance={b.guidance}",
+        f"sample.guidance={b.guidance}", f"train.threads={b.threads}",
     ])  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from accelerate import PartialState
 from sdpipe.config import PipelineConfig
 from sdpipe.data import SourceChangedError, ensure_validated, open_split
 from sdpipe.progress import progress_bar
-from sdpipe.train.components import make_components, makes_own_components, with_components
+from sdpipe.train.components import base_of, make_components, makes_own_components, start_own_components
 from sdpipe.train.t2i_run import TextToImageResult, train_text_to_image
 
 TRAINING_REPORT = "training.json"
@@ -78,9 +78,10 @@ def train_t2i_model(
     main = PartialState(cpu=True).is_main_process
     t = time.perf_counter()
     if makes_own_components(cfg):
+        start_own_components(cfg, run_dir, resume)
         with progress_bar("training the VAE", cfg.train.vae_steps, show_progress and main) as advance:
             make_components(cfg, data, run_dir, resume=resume, progress=lambda step, row: advance(1))
-        cfg = with_components(cfg, run_dir)
+        resume = True  # the UNet's run continues the folder this run claimed (from step 1 without checkpoints)
         seconds["components"], t = time.perf_counter() - t, time.perf_counter()
     phases = _PhaseBars(show_progress and main)
     try:
@@ -108,7 +109,7 @@ def write_training_report(run_dir: Path, cfg: PipelineConfig, result: TextToImag
     history = result.outcome.history
     report: dict[str, Any] = {
         "method": cfg.train.method,
-        "base": cfg.model.pretrained,
+        "base": base_of(cfg, run_dir),
         "steps": len(history),
         "final_loss": history[-1]["loss"] if history else None,
         "samples_per_s": result.outcome.samples_per_second,

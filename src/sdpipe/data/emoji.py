@@ -38,7 +38,11 @@ def find_image_set(package: Path) -> tuple[str, Path]:
             f"{package}: no emoji.json and img/<set>/64/ inside; unpack an emoji-datasource package there, e.g. "
             "`npm pack emoji-datasource-twitter && tar xzf emoji-datasource-twitter-*.tgz` (its folder is package/)"
         )
-    return sets[0], package / "img" / sets[0] / "64"
+    open_sets = [s for s in LICENCES if s in sets]  # Apple's and Facebook's images are not openly licensed
+    if not open_sets:
+        raise EmojiPackageError(f"{package}: its image sets ({', '.join(sets)}) are not openly licensed; use "
+                                f"emoji-datasource-{' or -'.join(LICENCES)}")  # fmt: skip
+    return open_sets[0], package / "img" / open_sets[0] / "64"
 
 
 def caption_of(entry: dict) -> str:
@@ -65,6 +69,8 @@ def write_emoji_folder(
     """Write the captioned folder; returns the image count per category folder. Refuses an `out` that holds
     files already."""
     package, out = Path(package), Path(out)
+    if size < 8:
+        raise ValueError(f"size {size}: images need at least 8 pixels a side")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder: choose a new one (nothing was written)")
     name, images = find_image_set(package)
@@ -73,14 +79,17 @@ def write_emoji_folder(
     rows = []
     for entry in sorted(entries, key=lambda e: e.get("sort_order", 0)):
         source = images / str(entry.get("image", ""))
-        wanted = entry.get("category") not in SKIPPED_CATEGORIES and entry.get(f"has_img_{name}", True)
+        wanted = entry.get("category") not in (None, *SKIPPED_CATEGORIES) and entry.get(f"has_img_{name}", True)
         if not wanted or not source.is_file():
             continue
         folder = category_folder(str(entry["category"]))
         (out / folder).mkdir(parents=True, exist_ok=True)
         file_name = f"{folder}/{source.stem}.png"
-        with Image.open(source) as im:
-            to_rgb(im, size, background).save(out / file_name, format="PNG")
+        try:
+            with Image.open(source) as im:
+                to_rgb(im, size, background).save(out / file_name, format="PNG")
+        except OSError as exc:
+            raise EmojiPackageError(f"{source}: not a readable PNG ({exc}); re-unpack the package") from None
         rows.append({"file_name": file_name, "text": caption_of(entry)})
         counts[folder] = counts.get(folder, 0) + 1
     if not rows:

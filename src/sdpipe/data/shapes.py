@@ -244,8 +244,8 @@ def sample_shapes(
     """`n` rendered samples, the same for the same arguments.
 
     `held_out`: "exclude" (no held-out pair anywhere: training), "only" (each sample holds at least one
-    held-out pair), "any" (pairs drawn from all 21), "new" (each holds at least one `NEW_SHAPE` pair, the other
-    pairs seen ones) or "every" (any pair of the four shapes)."""
+    held-out pair), "any" (pairs drawn from all 21), "new" (each holds at least one `NEW_SHAPE` pair, its other pair
+    a seen or a new-shape one) or "every" (any pair of the four shapes)."""
     return _draw(np.random.default_rng(seed), n, relation_share, held_out, size)
 
 
@@ -291,7 +291,8 @@ def folder_samples(n_train: int, n_test: int, seed: int = 0) -> list[tuple[str, 
 
 def concept_samples(n: int, seed: int = 0, new_share: float = 0.8) -> list[tuple[str, ShapeSample]]:
     """The fine-tune set: `n` training samples, `round(n * new_share)` of them holding a `NEW_SHAPE` pair and
-    the rest ordinary seen ones (so the old prompts keep being shown), all different, half of each relations."""
+    the rest ordinary seen ones (so the old prompts keep being shown), all different, each a relation with
+    probability 1/2."""
     taken: set[bytes] = set()
     n_new = round(n * new_share)
     new = _unique(np.random.default_rng([seed, 3]), n_new, "new", taken)

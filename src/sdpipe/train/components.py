@@ -24,7 +24,8 @@ from accelerate import PartialState
 
 from sdpipe.config import PipelineConfig
 from sdpipe.data import ImageSet
-from sdpipe.train.run_dir import COMPONENT_FILES, RunFolderError
+from sdpipe.train.interrupt import TrainingInterrupted
+from sdpipe.train.run_dir import COMPONENT_FILES, RunFolderError, check_new_run, write_run_config
 
 COMPONENTS, VAE_RUN, PARTIAL = COMPONENT_FILES
 VAE_TRAIN: dict[str, Any] = {
@@ -49,9 +50,27 @@ def vae_training_config(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"train": train})
 
 
-def with_components(cfg: PipelineConfig, run_dir: Path) -> PipelineConfig:
-    """`cfg` with `model.pretrained` set to RUN/components (what the UNet's training and its saved config use)."""
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(run_dir / COMPONENTS)})})
+def base_of(cfg: PipelineConfig, run_dir: Path) -> str:
+    """The base pipeline a text-to-image run trains on: `model.pretrained`, or the run's own RUN/components.
+    The config keeps `model.pretrained: null`, so a resumed run (and RUN/config.yaml) says what the user said."""
+    if cfg.model.pretrained is not None:
+        return cfg.model.pretrained
+    if not makes_own_components(cfg):
+        raise ValueError(f"train.method={cfg.train.method} needs model.pretrained: the base pipeline")
+    return str(run_dir / COMPONENTS)
+
+
+def start_own_components(cfg: PipelineConfig, run_dir: Path, resume: bool) -> None:
+    """Before the VAE trains: a new run claims its folder and writes RUN/config.yaml (the whole run's config), so
+    a run cut while its VAE trains resumes as itself with `sdpipe train --out RUN --resume`."""
+    state = PartialState(cpu=True)
+    if not resume:
+        check_new_run(run_dir)
+    state.wait_for_everyone()  # every process has checked before the main one writes
+    if not resume and state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run_dir, cfg.model_dump(mode="json"))
+    state.wait_for_everyone()
 
 
 def make_components(
@@ -79,13 +98,19 @@ def make_components(
     vae_dir = run_dir / VAE_RUN
     seed, m = cfg.train.seed, cfg.model
     vae = small_vae(tuple(m.vae_channels), seed=seed)
-    vae = train_vae(vae_training_config(cfg), vae, data, vae_dir, resume=resume and vae_dir.exists(), progress=progress)
+    try:
+        again = resume and vae_dir.exists()
+        vae = train_vae(vae_training_config(cfg), vae, data, vae_dir, resume=again, progress=progress)
+    except TrainingInterrupted as stop:  # the run to resume is RUN, not RUN/vae
+        raise TrainingInterrupted(stop.signum, stop.step, stop.steps, run_dir, stop.checkpoint) from None
     vae.register_to_config(scaling_factor=latent_scale(vae, data))
     state = PartialState(cpu=True)
-    if state.is_main_process:
-        partial = run_dir / PARTIAL
-        shutil.rmtree(partial, ignore_errors=True)
-        save_components(partial, vae, text_width=m.text_width, text_layers=m.text_layers, seed=seed)
-        partial.rename(folder)  # whole or absent: a cut during saving leaves no half folder behind
-    state.wait_for_everyone()
+    try:
+        if state.is_main_process:
+            partial = run_dir / PARTIAL
+            shutil.rmtree(partial, ignore_errors=True)
+            save_components(partial, vae, text_width=m.text_width, text_layers=m.text_layers, seed=seed)
+            partial.rename(folder)  # whole or absent: a cut during saving leaves no half folder behind
+    finally:
+        state.wait_for_everyone()  # the others never wait for a main process that failed
     return folder

@@ -26,7 +26,9 @@ def noise_scheduler(cfg: PipelineConfig) -> DDPMScheduler:
     """The discrete-time forward process of a "ddpm" config."""
     d = cfg.diffusion
     return DDPMScheduler(
-        **training_scheduler_config(d.prediction_type, d.beta_schedule, d.num_train_timesteps, d.schedule_shift)
+        **training_scheduler_config(
+            d.prediction_type or "v_prediction", d.beta_schedule, d.num_train_timesteps, d.schedule_shift
+        )
     )
 
 

@@ -64,8 +64,7 @@ def check_resumable(run_dir: Path) -> None:
     """Refuse to resume from a folder that is missing or holds no run."""
     if not run_dir.is_dir():
         raise RunFolderError(f"--resume: there is no run folder {run_dir}; check the path, or start without --resume")
-    own_vae = run_dir / "vae" / CONFIG_FILE  # a scratch run cut while it trained its own VAE
-    if not ((run_dir / CONFIG_FILE).is_file() or (run_dir / "checkpoints" / "latest").is_file() or own_vae.is_file()):
+    if not ((run_dir / CONFIG_FILE).is_file() or (run_dir / "checkpoints" / "latest").is_file()):
         raise RunFolderError(
             f"--resume: {run_dir} holds no run (no {CONFIG_FILE}, no checkpoints/latest); start it without --resume"
         )
@@ -84,9 +83,15 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, resumable: bo
     check_new_run(run_dir, resumable)
 
 
+def own_components(run_dir: Path) -> list[str]:
+    """Those of `COMPONENT_FILES` in `run_dir` that sdpipe made: a VAE run, a components pipeline, a partial one."""
+    marks = {"components": "model_index.json", "vae": CONFIG_FILE, ".components.partial": ""}
+    return [name for name in COMPONENT_FILES if (run_dir / name).is_dir() and (run_dir / name / marks[name]).exists()]
+
+
 def remove_run(run_dir: Path) -> None:
     """Delete a run's files from `run_dir`, leaving anything else in it."""
-    for name in [*run_files(run_dir), *(n for n in COMPONENT_FILES if (run_dir / n).exists())]:
+    for name in [*run_files(run_dir), *own_components(run_dir)]:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)  # other processes of the run may be removing it too

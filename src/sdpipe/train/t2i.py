@@ -68,10 +68,7 @@ def training_scheduler(cfg: PipelineConfig, base_config: dict[str, Any]) -> DDPM
     with zero terminal SNR when asked."""
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "steps_offset")
     config = {k: base_config[k] for k in keys if k in base_config}
-    given = "prediction_type" in cfg.diffusion.model_fields_set
-    config["prediction_type"] = (
-        cfg.diffusion.prediction_type if given else base_config.get("prediction_type", "epsilon")
-    )
+    config["prediction_type"] = cfg.diffusion.prediction_type or base_config.get("prediction_type", "epsilon")
     if cfg.diffusion.zero_terminal_snr:
         if config["prediction_type"] == "epsilon":
             raise ValueError("diffusion.zero_terminal_snr needs v_prediction: set diffusion.prediction_type")

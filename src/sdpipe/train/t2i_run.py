@@ -20,6 +20,7 @@ from torch import nn
 
 from sdpipe.config import PipelineConfig
 from sdpipe.data import ImageSet
+from sdpipe.train.components import base_of
 from sdpipe.train.loop import start_run
 from sdpipe.train.t2i import TextToImageTask, load_base
 from sdpipe.train.t2i_grid import ValidationRenderer, check_settings, step_grids, write_steps_grid
@@ -53,8 +54,7 @@ def train_text_to_image(
     run_dir = Path(run_dir)
     rendering = check_settings(cfg)
     accelerator, gen = start_run(cfg, run_dir, resume)
-    assert cfg.model.pretrained is not None  # the config check asks for it
-    base = load_base(cfg.model.pretrained, device=str(accelerator.device))
+    base = load_base(base_of(cfg, run_dir), device=str(accelerator.device))
     task = TextToImageTask(cfg, base, data, gen, accelerator.device, validation, cache_progress)
     trainer = Trainer(cfg.train, cfg.model_dump(mode="json"), run_dir, task, accelerator, gen)
     evaluator: Callable[[nn.Module], dict] | None = None
