@@ -8,7 +8,6 @@ server answers."""
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,29 +17,16 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import race_registry_versions
+from db_servers import SERVERS, admin_engine
 from sdpipe.registry import Registry, RegistryError, resolve
 from sdpipe.registry.db import events, metadata, versions
 from test_registry import make_model
-
-SERVERS = {"postgresql": "SDPIPE_TEST_POSTGRES_URL", "mysql": "SDPIPE_TEST_MYSQL_URL"}
 
 
 @pytest.fixture(scope="module", params=list(SERVERS))
 def admin(request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
     """The server's admin connection, or a skip saying why there is none."""
-    variable = SERVERS[request.param]
-    url = os.environ.get(variable, "")
-    if not url:
-        pytest.skip(f"set {variable} to test the registry on {request.param}")
-    try:
-        engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-        with engine.connect():
-            pass
-    except ImportError as exc:
-        pytest.skip(f"{variable}: the driver of {url.split(':')[0]} is not installed ({exc})")
-    except sa.exc.DBAPIError as exc:
-        where = engine.url.render_as_string(hide_password=True)
-        pytest.skip(f"no {request.param} server answers at {where} ({variable}): {exc.orig}")
+    engine = admin_engine(request.param, "the registry")
     yield engine
     engine.dispose()
 

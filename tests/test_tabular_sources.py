@@ -6,7 +6,6 @@ row or column; no source is ever changed."""
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -18,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
+from db_servers import SERVERS, admin_engine
 from sdpipe.tabular import TableDataConfig, TableError, is_table_source, load_table, validate_table
 
-SERVERS = {"postgresql": "SDPIPE_TEST_POSTGRES_URL", "mysql": "SDPIPE_TEST_MYSQL_URL"}
 FRAME = pd.DataFrame(
     {
         "id": range(1, 13),
@@ -200,19 +199,7 @@ def test_password_is_masked_in_query_errors(tmp_path: Path) -> None:
 @pytest.fixture(scope="module", params=list(SERVERS))
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
     """The URL of a fresh database on a server (dropped after the module), or a skip saying why."""
-    variable = SERVERS[request.param]
-    url = os.environ.get(variable, "")
-    if not url:
-        pytest.skip(f"set {variable} to test table queries on {request.param}")
-    try:
-        admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-        with admin.connect():
-            pass
-    except ImportError as exc:
-        pytest.skip(f"{variable}: the driver of {url.split(':')[0]} is not installed ({exc})")
-    except sa.exc.DBAPIError as exc:
-        where = admin.url.render_as_string(hide_password=True)
-        pytest.skip(f"no {request.param} server answers at {where} ({variable}): {exc.orig}")
+    admin = admin_engine(request.param, "table queries")
     name = f"sdpipe_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.exec_driver_sql(f"CREATE DATABASE {name}")

@@ -330,6 +330,20 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's sections, unchecked; ConfigError for a missing file, bad YAML or a non-mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, e.g. 'train:'")
+    return loaded
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None
 ) -> PipelineConfig:
@@ -337,16 +351,7 @@ def load_config(
     `dotted.key=value` overrides, validate everything."""
     tree: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections, e.g. 'train:'")
-        tree = loaded
+        tree = read_config_file(path)
     for item in overrides or []:
         _set_dotted(tree, *parse_override(item))
     return validate_config(tree)

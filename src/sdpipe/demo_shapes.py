@@ -40,8 +40,8 @@ class ShapesBudget:
     sample_steps: int = 20
     guidance: float = 3.0
     seed: int = 0
-    # torch threads: on 2 cores one thread is as fast for this small model and does not collapse when other
-    # work takes the second core (bench/train_t2i.py measured the same for the LoRA step)
+    # torch threads: one keeps its speed when other work takes the second core, where two threads collapse
+    # (bench/train_t2i.py saw this for the LoRA step); one against two on an idle machine is not measured
     threads: int = 1
 
 

@@ -36,6 +36,8 @@ class LoraBudget:
     steps: int = 300
     batch_size: int = 16
     rank: int = 8
+    # attention and, since a new outline is drawn by the convolutions, the resnets' convolutions
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2")
     learning_rate: float = 1e-3
     prompts_per_group: int = 64
     sample_steps: int = 20
@@ -51,7 +53,7 @@ def lora_config(out: Path, base_model: Path, b: LoraBudget) -> PipelineConfig:
         "data.resolution=32", "data.channels=rgb", "data.test_fraction=0", "data.validation_fraction=0",
         "model.type=text-to-image", f"model.pretrained={base_model}", "diffusion.formulation=ddpm",
         "train.method=lora",
-        f"train.lora_rank={b.rank}", "train.lora_targets=[to_q, to_k, to_v, to_out.0, proj_in, proj_out]",
+        f"train.lora_rank={b.rank}", f"train.lora_targets=[{', '.join(b.targets)}]",
         "train.loss_weighting=min_snr", "train.uncertainty_weighting=false", "train.caption_dropout=0.1",
         f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.learning_rate={b.learning_rate}",
         "train.warmup_steps=20", f"train.checkpoint_every={b.steps}", f"train.seed={b.seed}",

@@ -132,19 +132,12 @@ def _validate_table(
 def _table_settings(config: Path | None, overrides: list[str] | None) -> dict[str, Any]:
     """The `data:` section of a YAML config with `--set data.key=value` overrides applied (tables take only
     data settings); typed and checked by `load_table_config`."""
-    import yaml
 
-    from sdpipe.config import ConfigError, parse_override
+    from sdpipe.config import ConfigError, parse_override, read_config_file
 
     values: dict[str, Any] = {}
     if config is not None:
-        if not config.is_file():
-            raise ConfigError(f"config file not found: {config}")
-        try:
-            tree = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{config}: not valid YAML ({exc})") from exc
-        section = tree.get("data", {}) if isinstance(tree, dict) else None
+        section = read_config_file(config).get("data", {})
         if not isinstance(section, dict):
             raise ConfigError(f"{config}: the data section must be a mapping of settings")
         values = dict(section)
