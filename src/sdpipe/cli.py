@@ -105,7 +105,7 @@ def demo(
         typer.Argument(
             help="digits: class-conditional pixel diffusion on sklearn's digits. shapes: a text-to-image model "
             "trained from scratch on rendered captioned shapes, judged per caption kind. shapes-lora: a LoRA that "
-            "teaches the shapes model (--base) a new shape from 50 images, judged before and after."
+            "tries to teach the shapes model (--base) a new shape from 50 images, judged before and after."
         ),
     ] = "digits",
     out: Annotated[
@@ -411,7 +411,7 @@ def evaluate(
 
             if not isinstance(loaded, LoadedPipeline):
                 raise ValueError("--held-out is for text-to-image models")
-            figures = judge_held_out(loaded.path, training_data(loaded.path), show_progress=not quiet)
+            figures = judge_held_out(loaded, training_data(loaded.path), show_progress=not quiet)
             for line in write_held_out(out, figures):
                 out_console.print(line, markup=False, highlight=False)
             return

@@ -25,6 +25,17 @@ from sdpipe.evaluate.intervals import interval
 from sdpipe.progress import progress_bar
 
 
+def text_to_image_model(model: Path | Any) -> Any:
+    """`model` if it is a `LoadedPipeline`, else the text-to-image model at that path."""
+    from sdpipe.models.kinds import load_any
+    from sdpipe.models.pipelines import LoadedPipeline
+
+    loaded = model if isinstance(model, LoadedPipeline) else load_any(model)
+    if not isinstance(loaded, LoadedPipeline):
+        raise ValueError(f"{model}: not a text-to-image model")
+    return loaded
+
+
 def sample_prompts(
     model_dir: Path | Any,
     captions: list[str],
@@ -39,14 +50,10 @@ def sample_prompts(
     `first_seed + i`, through the one generation path (a LoRA run's model samples with its LoRA); `model_dir`
     a model's path or its `LoadedPipeline`."""
     from sdpipe.conditioning import Conditioning
-    from sdpipe.models.kinds import load_any
-    from sdpipe.models.pipelines import LoadedPipeline
     from sdpipe.sampling.generate import Row, SampleSpec, generate_items
     from sdpipe.sampling.sd_records import to_rgb8
 
-    model = model_dir if isinstance(model_dir, LoadedPipeline) else load_any(model_dir)
-    if not isinstance(model, LoadedPipeline):
-        raise ValueError(f"{model_dir}: not a text-to-image model")
+    model = text_to_image_model(model_dir)
     cond = [Conditioning(prompt=c, width=size, height=size, loras=model.default_loras) for c in captions]
     rows = [Row(first_seed + i, c) for i, c in enumerate(cond)]
     spec = SampleSpec("dpmpp_2m", steps, guidance, micro_batch=16)
@@ -86,7 +93,7 @@ def write_held_out(out: Path, figures: dict[str, Any]) -> list[str]:
 
 
 def judge_held_out(
-    model_dir: str | Path,
+    model_dir: str | Path | Any,
     data: DataConfig,
     *,
     sets: int = 4,
@@ -95,7 +102,8 @@ def judge_held_out(
     seed: int = 1_000_000,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """The figures above for the model at `model_dir` on `data`'s held-out ("test") split."""
+    """The figures above for the model at `model_dir` (or that `LoadedPipeline`) on `data`'s held-out ("test")
+    split."""
     from sdpipe.data import open_split
     from sdpipe.data.imageset import split_arrays
     from sdpipe.evaluate.judge import Judge
@@ -104,10 +112,8 @@ def judge_held_out(
     if len(test.labels) < 10 or not test.class_names:
         raise ValueError("the held-out split needs at least 10 labelled images: set data.test_fraction and give "
                          "the folder class subfolders (see sdpipe.data.emoji)")  # fmt: skip
-    from sdpipe.models.kinds import load_any
-
     captions = open_split(data, "test").captions
-    model = load_any(model_dir)
+    model = text_to_image_model(model_dir)
     judge = Judge.fit(train.images, train.labels, test.images, value_range=train.value_range, seed=0)
     size, n = int(test.images.shape[-1]), len(captions)
     rows = []

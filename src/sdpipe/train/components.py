@@ -9,8 +9,9 @@ pipeline folder that the UNet's training then takes as its base.
   ships it (`models.components`): its random features still tell the words and their order apart, the
   UNet's cross-attention learns to read them, and its embeddings can be cached once.
 
-The VAE's training uses the run's data, batch size, seed, precision and NaN policy, checkpoint interval,
-with the settings of `VAE_TRAIN` in place of the UNet's learning rate, warm-up and EMA.
+The VAE's training uses the run's `train` settings (data, batch size, seed, optimizer, precision, NaN policy,
+checkpoint interval, threads ...) with `train.vae_steps` steps and `VAE_TRAIN` in place of the UNet's learning
+rate, warm-up, EMA and in-training evaluation.
 """
 
 from __future__ import annotations
@@ -61,11 +62,17 @@ def base_of(cfg: PipelineConfig, run_dir: Path) -> str:
 
 
 def start_own_components(cfg: PipelineConfig, run_dir: Path, resume: bool) -> None:
-    """Before the VAE trains: a new run claims its folder and writes RUN/config.yaml (the whole run's config), so
-    a run cut while its VAE trains resumes as itself with `sdpipe train --out RUN --resume`."""
+    """Before the VAE trains: a new run claims its folder (no other run's files, no components left by an earlier
+    start) and writes RUN/config.yaml (the whole run's config), so a run cut while its VAE trains resumes as itself
+    with `sdpipe train --out RUN --resume`."""
     state = PartialState(cpu=True)
     if not resume:
         check_new_run(run_dir)
+        if (run_dir / COMPONENTS).exists():
+            raise RunFolderError(
+                f"{run_dir / COMPONENTS} exists from an earlier start of this run: continue it with --resume, "
+                "replace it with --overwrite, or choose another folder"
+            )
     state.wait_for_everyone()  # every process has checked before the main one writes
     if not resume and state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,17 +89,12 @@ def make_components(
     progress: Callable[[int, dict], None] | None = None,
 ) -> Path:
     """RUN/components: a VAE trained on `data` (in RUN/vae), its latent scale, CLIP's tokenizer and a small random
-    text encoder. A complete folder from an earlier attempt of this run is kept (resume); a VAE run cut short
-    resumes from its last checkpoint."""
+    text encoder. A complete folder from an earlier attempt of this run is kept (resume; `start_own_components`
+    refuses one a new run finds); a VAE run cut short resumes from its last checkpoint."""
     from sdpipe.models.components import save_components, small_vae
     from sdpipe.train.vae import latent_scale, train_vae
 
     folder = run_dir / COMPONENTS
-    if folder.exists() and not resume:
-        raise RunFolderError(
-            f"{folder} exists from an earlier start of this run: continue it with --resume, replace it with "
-            "--overwrite, or choose another folder"
-        )
     if (folder / "model_index.json").is_file():
         return folder
     vae_dir = run_dir / VAE_RUN
