@@ -205,6 +205,10 @@ class TrainConfig(_Section):
     lora_alpha: float | None = Field(default=None, gt=0)  # None = the rank (scale 1)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     lora_targets: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    # the text encoder(s) train too: a LoRA on `lora_text_targets` for method lora, every weight otherwise;
+    # their outputs are then not cached (sdpipe.train.t2i_text)
+    train_text_encoder: bool = False
+    lora_text_targets: list[str] = Field(default=["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1)
     cache_dir: str | None = None  # latent and text-embedding caches; None = sdpipe's cache folder (SDPIPE_CACHE)
     # prompts rendered every `validation_prompt_every` steps (EMA weights, fixed seeds train.seed + k, the
     # `sample` section's sampler, steps and guidance, data.resolution) into RUN/validation: a grid per step

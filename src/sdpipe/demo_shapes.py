@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ def _data_sets(out: Path) -> list[str]:
             "data.resolution=32", "data.channels=rgb"]  # fmt: skip
 
 
-def unet_config(out: Path, b: ShapesBudget) -> PipelineConfig:
+def unet_config(out: Path, b: ShapesBudget, extra: Sequence[str] = ()) -> PipelineConfig:
+    """The demo's run config; `extra` overrides (`key=value`) come last (bench/shapes_levers.py)."""
     return load_config(None, [
         *_data_sets(out), "model.type=text-to-image", "train.method=scratch", f"train.vae_steps={b.vae_steps}",
         "model.block_out_channels=[64, 128]", "model.attention_levels=[1]", "model.layers_per_block=1",
@@ -60,7 +62,7 @@ def unet_config(out: Path, b: ShapesBudget) -> PipelineConfig:
         f"train.batch_size={b.batch_size}", "train.learning_rate=1e-3", "train.warmup_steps=50",
         "train.checkpoint_every=500", f"train.seed={b.seed}", f"train.cache_dir={out / 'cache'}",
         f"train.threads={b.threads}",
-        "sample.sampler=dpmpp_2m", f"sample.steps={b.sample_steps}", f"sample.guidance={b.guidance}",
+        "sample.sampler=dpmpp_2m", f"sample.steps={b.sample_steps}", f"sample.guidance={b.guidance}", *extra,
     ])  # fmt: skip
 
 

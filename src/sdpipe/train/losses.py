@@ -28,9 +28,28 @@ class TextCond:
         return TextCond(self.embeds.to(device), added)
 
 
+@dataclass(frozen=True)
+class TokenCond:
+    """A caption batch as token ids, for a network that runs its text encoder(s) itself because they train
+    (`sdpipe.train.t2i_text.TextAndUNet`): `ids` per tokenizer, and SDXL's `time_ids`. Sliced like a tensor."""
+
+    ids: tuple[torch.Tensor, ...]
+    time_ids: torch.Tensor | None = None
+
+    def __getitem__(self, part: Any) -> TokenCond:
+        return TokenCond(tuple(i[part] for i in self.ids), None if self.time_ids is None else self.time_ids[part])
+
+    def to(self, device: torch.device | str) -> TokenCond:
+        time_ids = None if self.time_ids is None else self.time_ids.to(device)
+        return TokenCond(tuple(i.to(device) for i in self.ids), time_ids)
+
+
 def predict(unet: nn.Module, x: torch.Tensor, level: torch.Tensor, cond: Any) -> torch.Tensor:
     """The network's output for input `x` at noise feature `level`, conditioned on class labels (a pixel
-    `UNet2DModel`; None = unconditional) or on a `TextCond` (a `UNet2DConditionModel`)."""
+    `UNet2DModel`; None = unconditional), on a `TextCond` (a `UNet2DConditionModel`) or on a `TokenCond` (a
+    `TextAndUNet`, which returns the tensor itself)."""
+    if isinstance(cond, TokenCond):
+        return unet(x, level, cond)
     if isinstance(cond, TextCond):
         return unet(x, level, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added).sample
     return unet(x, level, class_labels=cond).sample

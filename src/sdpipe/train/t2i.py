@@ -3,7 +3,8 @@
 `TextToImageTask` is what this kind brings to the shared `Trainer`; the three methods differ only in what
 trains. `scratch` builds a new `UNet2DConditionModel` (shaped by the `model` section) and takes the VAE,
 text encoder(s), tokenizer(s) and noise schedule of `model.pretrained`; `full` trains every UNet weight of
-`model.pretrained`; `lora` adds a peft LoRA to it and trains only that.
+`model.pretrained`; `lora` adds a peft LoRA to it and trains only that. With `train.train_text_encoder` the
+text encoder(s) train too (`sdpipe.train.t2i_text`), and their outputs are not cached.
 
 Images are fitted to aspect-ratio buckets (`sdpipe.data.buckets`), encoded once into the on-disk latent
 cache (posterior mean and std) and their captions once into the text cache (`sdpipe.train.cache`). A step
@@ -29,7 +30,8 @@ from sdpipe.data import ImageSet
 from sdpipe.data.buckets import BucketPlan, BucketSampler, plan_buckets
 from sdpipe.models.unet import build_text_unet
 from sdpipe.train.cache import LatentCache, TextCache, default_root
-from sdpipe.train.losses import DiffusionLoss, TextCond, UncertaintyWeighting
+from sdpipe.train.losses import DiffusionLoss, TextCond, TokenCond, UncertaintyWeighting
+from sdpipe.train.t2i_text import TextAndUNet, Tokens, prepare_text_encoders, text_encoders
 from sdpipe.train.trainer import objective_and_plain, validation_split
 from sdpipe.train.validation import validation_loss
 
@@ -125,10 +127,17 @@ class TextToImageTask:
         self.sched = training_scheduler(cfg, dict(self.pipe.scheduler.config))
         self.loss_fn = DiffusionLoss(self.sched, t.loss_weighting, t.min_snr_gamma)
         self.weighting = UncertaintyWeighting(self.loss_fn) if t.uncertainty_weighting else None
-        self.module = self._unet()
-        self.pipe.unet = self.module
+        self.pipe.unet = unet = self._unet()
         for frozen in self._frozen():
             frozen.requires_grad_(False).eval()
+        self.tokens: Tokens | None = None
+        self.module: nn.Module = unet
+        if t.train_text_encoder:
+            if t.unconditional:
+                raise ValueError("train.train_text_encoder needs captions: it cannot train with train.unconditional")
+            encoders = text_encoders(self.pipe)
+            prepare_text_encoders(encoders, self._lora_config(t.lora_text_targets) if t.method == "lora" else None)
+            self.module, self.tokens = TextAndUNet(unet, encoders), Tokens(self.pipe)
         if t.gradient_checkpointing:
             self.module.enable_gradient_checkpointing()
         root = Path(t.cache_dir) if t.cache_dir else default_root()
@@ -174,8 +183,17 @@ class TextToImageTask:
         )
 
     def _frozen(self) -> list[nn.Module]:
+        """The VAE and the text encoders (which `prepare_text_encoders` may then make trainable)."""
         names = ["vae", "text_encoder", "text_encoder_2"]
         return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
+
+    def trained_unet(self, module: nn.Module) -> nn.Module:
+        """The UNet of `module` (this task's module or a copy of it, as the trainer's outcome is)."""
+        return module.unet if isinstance(module, TextAndUNet) else module
+
+    def trained_text_encoders(self, module: nn.Module) -> list[nn.Module]:
+        """The text encoders of `module` that trained (none unless train.train_text_encoder)."""
+        return list(module.text_encoders) if isinstance(module, TextAndUNet) else []
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -211,6 +229,11 @@ class TextToImageTask:
         items = [(i, data.digests[i], plan.buckets[b]) for i, b in enumerate(plan.assignment)]
         show = None if progress is None else (lambda done, total: progress("latents", done, total))
         self.latent_stats = self.latents.ensure(items, data.pixels, flips=self.cfg.data.random_flip, progress=show)
+        if self.tokens is not None:  # the text encoders train: their outputs change every step
+            self.text_stats: dict[str, Any] = {
+                "skipped": "train.train_text_encoder: text-encoder outputs are not cached"
+            }
+            return
         show = None if progress is None else (lambda done, total: progress("captions", done, total))
         self.text_stats = self.text.ensure(sorted(set(captions)), progress=show)
 
@@ -234,14 +257,16 @@ class TextToImageTask:
         part = slice(rank, None, world)
         return z[part].to(device), cond[part].to(device), noise[part].to(device), steps[part].to(device)
 
-    def _cond(self, captions: list[str], sizes: list[tuple[int, int]], bucket: tuple[int, int]) -> TextCond:
-        emb = self.text.get(captions)
-        if not self.xl:
-            return TextCond(emb["prompt_embeds"])
+    def _cond(self, captions: list[str], sizes: list[tuple[int, int]], bucket: tuple[int, int]) -> TextCond | TokenCond:
         # SDXL's size conditioning: original (h, w), crop top-left, target (h, w), as diffusers' scripts give it
         w, h = bucket
-        ids = torch.tensor([[sh, sw, 0, 0, h, w] for sw, sh in sizes], dtype=torch.float32)
-        return TextCond(emb["prompt_embeds"], {"text_embeds": emb["pooled"], "time_ids": ids})
+        time_ids = torch.tensor([[sh, sw, 0, 0, h, w] for sw, sh in sizes], dtype=torch.float32) if self.xl else None
+        if self.tokens is not None:
+            return TokenCond(self.tokens(captions), time_ids)
+        emb = self.text.get(captions)
+        if time_ids is None:
+            return TextCond(emb["prompt_embeds"])
+        return TextCond(emb["prompt_embeds"], {"text_embeds": emb["pooled"], "time_ids": time_ids})
 
     def loss(self, objective: Any, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return objective_and_plain(objective, self.loss_fn, model, batch)

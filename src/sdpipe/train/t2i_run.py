@@ -24,6 +24,7 @@ from sdpipe.train.components import base_of
 from sdpipe.train.loop import start_run
 from sdpipe.train.t2i import TextToImageTask, load_base
 from sdpipe.train.t2i_grid import ValidationRenderer, check_settings, step_grids, write_steps_grid
+from sdpipe.train.t2i_text import ENCODERS, kohya_text_prefix, text_lora_state_dict
 from sdpipe.train.trainer import Trainer, TrainOutcome
 
 LORA_FILE = "lora.safetensors"
@@ -86,11 +87,13 @@ def train_text_to_image(
         if rendering:
             result.validation_grid = write_steps_grid(run_dir, result.validation_grids, renderer.prompts, size)
         training = _training_record(cfg, task, base)
+        unet, encoders = task.trained_unet(outcome.module), task.trained_text_encoders(outcome.module)
         if cfg.train.method == "lora":
-            result.lora_file = save_lora(outcome.module, run_dir / LORA_FILE, cfg, base)
+            result.lora_file = save_lora(unet, encoders, run_dir / LORA_FILE, cfg, base)
             write_lora_model(run_dir / "model", result.lora_file, base, training)
         else:
-            save_pipeline(task.pipe, outcome.module, run_dir / "model", training)
+            trained = {"unet": unet, **dict(zip(ENCODERS, encoders, strict=False))}
+            save_pipeline(task.pipe, trained, run_dir / "model", training)
     accelerator.wait_for_everyone()
     return result
 
@@ -108,14 +111,15 @@ def _training_record(cfg: PipelineConfig, task: TextToImageTask, base: Any) -> d
     }
 
 
-def save_pipeline(pipe: Any, unet: nn.Module, out: Path, training: dict[str, Any]) -> None:
-    """The base pipeline with the trained UNet as a diffusers folder; its scheduler keeps the base's class
+def save_pipeline(pipe: Any, trained: dict[str, nn.Module], out: Path, training: dict[str, Any]) -> None:
+    """The base pipeline with the trained parts (`unet`, and `text_encoder`[`_2`] where they trained) as a
+    diffusers folder; its scheduler keeps the base's class
     with the training's prediction type (DDIM with trailing timesteps after zero-terminal-SNR training, as Lin
     et al. 2024 sample). `sdpipe_training.json` beside model_index.json records the training."""
     import inspect
 
     scheduler = sampling_scheduler(pipe.scheduler, training["prediction_type"], training["zero_terminal_snr"])
-    parts = {**pipe.components, "unet": unet, "scheduler": scheduler}
+    parts = {**pipe.components, **trained, "scheduler": scheduler}
     if "requires_safety_checker" in inspect.signature(type(pipe)).parameters:
         parts["requires_safety_checker"] = False
     type(pipe)(**parts).save_pretrained(out, safe_serialization=True)
@@ -134,18 +138,22 @@ def sampling_scheduler(base: Any, prediction: str, zero_terminal_snr: bool) -> A
     return type(base).from_config(base.config, prediction_type=prediction)
 
 
-def lora_state_dict(unet: nn.Module, alpha: float) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA in kohya's keys (`lora_unet_…​.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
+def lora_state_dict(
+    unet: nn.Module, alpha: float, encoders: list[nn.Module] | None = None, xl: bool = False
+) -> dict[str, torch.Tensor]:
+    """The UNet's (and the trained text encoders') LoRA in kohya's keys (`lora_unet_…​.lora_down.weight`,
+    `.lora_up.weight`, `.alpha`; `lora_te_…` for SD's text encoder, `lora_te1_`/`lora_te2_` for SDXL's)."""
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
     peft = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    kohya = convert_state_dict_to_kohya(peft)
+    peft.update(text_lora_state_dict(encoders or []))
+    kohya = {kohya_text_prefix(k, xl): v for k, v in convert_state_dict_to_kohya(peft).items()}
     # diffusers writes alpha = rank (scale 1); kohya's loaders scale by alpha / rank, so give the real alpha
     return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in kohya.items()}
 
 
-def save_lora(unet: nn.Module, path: Path, cfg: PipelineConfig, base: Any) -> Path:
+def save_lora(unet: nn.Module, encoders: list[nn.Module], path: Path, cfg: PipelineConfig, base: Any) -> Path:
     """RUN/lora.safetensors, with the base's hash and the training settings in its metadata."""
     t = cfg.train
     alpha = t.lora_alpha if t.lora_alpha is not None else float(t.lora_rank)
@@ -156,7 +164,8 @@ def save_lora(unet: nn.Module, path: Path, cfg: PipelineConfig, base: Any) -> Pa
         "ss_network_alpha": str(alpha),
         "ss_base_model_version": _base_version(base),
     }
-    save_file(lora_state_dict(unet, alpha), str(path), metadata=metadata)
+    xl = hasattr(base.pipe, "text_encoder_2")
+    save_file(lora_state_dict(unet, alpha, encoders, xl), str(path), metadata=metadata)
     return path
 
 

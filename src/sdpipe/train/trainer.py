@@ -244,6 +244,8 @@ class Trainer:
         if acc.is_main_process:
             write_run_config(self.run_dir, self.config)
         start_trackers(acc, self.config)
+        # a base loaded from disk is in eval mode, where dropout (a LoRA's included) does nothing
+        task.module.train()
         start = time.perf_counter()
         with StopSignals() as stop, _metrics_file(self.run_dir, acc.is_main_process) as file:
             log = MetricsLog(file, rows)
