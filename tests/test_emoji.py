@@ -110,9 +110,11 @@ def test_held_out_judge_scores_real_held_out_images_as_real(emoji_run, monkeypat
     model, cfg = emoji_run
     test = split_arrays(cfg.data, "test")
     asked: list[tuple[list[str], int]] = []
+    settings: list[tuple[str, int, float]] = []
 
-    def real_images(model_dir, captions, steps, guidance, show, label, first_seed, size):  # held-out images as samples
+    def real_images(model_dir, captions, steps, guidance, show, label, first_seed, size, sampler):  # real as samples
         asked.append((captions, first_seed))
+        settings.append((sampler, steps, guidance))
         return test.images.transpose(0, 2, 3, 1).astype(np.uint8)
 
     monkeypatch.setattr(cj, "sample_prompts", real_images)
@@ -126,6 +128,9 @@ def test_held_out_judge_scores_real_held_out_images_as_real(emoji_run, monkeypat
     assert got["prompt_adherence_real"] > got["prompt_adherence_chance"]
     assert got["fd_ratio"]["mean"] < 1e-3  # identical to the reference (sqrtm leaves rounding)
     assert sorted(got["classes"]) == ["flags", "food-drink", "smileys-emotion"]
+    # sampled as the run's sample section says (the model records it), not with fixed settings
+    s = cfg.sample
+    assert settings == [(s.sampler, s.steps, s.guidance)] * 2 and got["sampling"]["from"] == "the run's sample section"
 
 
 def test_held_out_judge_samples_the_model_and_the_cli_writes_it(emoji_run, tmp_path: Path) -> None:
@@ -140,3 +145,5 @@ def test_held_out_judge_samples_the_model_and_the_cli_writes_it(emoji_run, tmp_p
     assert figures["sets"] == 4 and len(figures["prompt_adherence"]["values"]) == 4
     assert 0 <= figures["prompt_adherence"]["mean"] <= 1 and figures["fd_ratio"]["mean"] > 0
     assert "prompt adherence" in result.output
+    refused = CliRunner().invoke(app, ["evaluate", "--model", str(model), "--held-out", "--n", "5", "--out", "x"])
+    assert refused.exit_code != 0 and "takes none of --n" in refused.output

@@ -409,6 +409,19 @@ def evaluate(
         if held_out:
             from sdpipe.evaluate.captioned_judge import judge_held_out, training_data, write_held_out
 
+            given = {
+                "--n": n,
+                "--data": data,
+                "--inception": inception,
+                "--samplers": samplers,
+                "--prompts": prompts,
+                "--clip": clip,
+                "--reference": reference,
+                "--steps": None if steps == "5,10,20,50" else steps,
+            }
+            if unused := [k for k, v in given.items() if v is not None]:
+                raise ValueError(f"--held-out samples every held-out caption with the run's sample settings and "
+                                 f"takes none of {', '.join(unused)}")  # fmt: skip
             if not isinstance(loaded, LoadedPipeline):
                 raise ValueError("--held-out is for text-to-image models")
             figures = judge_held_out(loaded, training_data(loaded.path), show_progress=not quiet)

@@ -108,6 +108,8 @@ def _training_record(cfg: PipelineConfig, task: TextToImageTask, base: Any) -> d
         "bucket_plan": task.plan.to_json(),
         "prediction_type": task.sched.config["prediction_type"],
         "zero_terminal_snr": cfg.diffusion.zero_terminal_snr,
+        # how the run's samples are drawn by default (`sdpipe evaluate --held-out` samples with it)
+        "sample": {k: v for k, v in cfg.sample.model_dump(mode="json").items() if k != "micro_batch"},
     }
 
 
