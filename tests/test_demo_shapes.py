@@ -76,6 +76,26 @@ def test_lora_demo_refuses_a_base_that_is_no_demo(tmp_path: Path) -> None:
         base_model_of(tmp_path)
 
 
+def test_demo_folder_is_refused_or_cleared_and_never_the_base(tmp_path: Path) -> None:
+    """An earlier demo's outputs are refused without --overwrite and removed with it (other files and the
+    content-keyed cache stay); shapes-lora refuses --out equal to --base before touching it."""
+    from sdpipe.train.run_dir import RunFolderError, claim_demo_dir
+
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    (out / "cache").mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="data, metrics.json: replace them with --overwrite"):
+        claim_demo_dir(out, overwrite=False)
+    with pytest.raises(RunFolderError, match="is the --base folder"):
+        claim_demo_dir(out, overwrite=True, base=tmp_path / "." / "demo")
+    assert (out / "data").exists()
+    claim_demo_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["cache", "notes.txt"]
+    claim_demo_dir(out, overwrite=False)  # nothing of a demo left: free
+
+
 def test_vae_trains_with_the_shared_trainer_and_resumes_bitwise(tmp_path: Path) -> None:
     from sdpipe.data import open_split
     from sdpipe.data.shapes import write_folder

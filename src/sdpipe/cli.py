@@ -121,7 +121,7 @@ def demo(
 ) -> None:
     """Run the whole pipeline on an embedded data set: train, save, sample, evaluate, report (digits ~5 min,
     shapes ~15 min on 2 CPUs)."""
-    from sdpipe.train.run_dir import claim_run_dir
+    from sdpipe.train.run_dir import claim_demo_dir, claim_run_dir
 
     if which not in ("digits", "shapes", "shapes-lora"):
         raise typer.BadParameter(f"{which!r}: choose digits, shapes or shapes-lora", param_hint="WHICH")
@@ -133,10 +133,10 @@ def demo(
     if which == "shapes-lora":
         from sdpipe.demo_shapes_lora import run_shapes_lora_demo
 
-        folder = out or Path("runs/shapes-lora")
+        folder, base = out or Path("runs/shapes-lora"), base or Path("runs/shapes")
         with _user_errors(), _training():
-            claim_run_dir(folder, resume=False, overwrite=overwrite, resumable=False)
-            metrics = run_shapes_lora_demo(base or Path("runs/shapes"), folder, show_progress=not quiet)
+            claim_demo_dir(folder, overwrite, base)
+            metrics = run_shapes_lora_demo(base, folder, show_progress=not quiet)
         _print_lora_summary(metrics, folder)
         return
     if which == "shapes":
@@ -144,7 +144,7 @@ def demo(
 
         folder = out or Path("runs/shapes")
         with _user_errors(), _training():
-            claim_run_dir(folder, resume=False, overwrite=overwrite, resumable=False)
+            claim_demo_dir(folder, overwrite)
             metrics = run_shapes_demo(folder, show_progress=not quiet)
         _print_shapes_summary(metrics, folder)
         return

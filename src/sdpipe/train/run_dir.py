@@ -83,6 +83,31 @@ def claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, resumable: bo
     check_new_run(run_dir, resumable)
 
 
+# what `sdpipe demo shapes` and `shapes-lora` write into --out (their cache/ stays: it is keyed by content)
+DEMO_OUTPUTS = ("data", "validated", "run", "metrics.json", "report.html", "samples.png", "samples_base.png",
+                "samples_lora.png")  # fmt: skip
+
+
+def claim_demo_dir(out: Path, overwrite: bool, base: Path | None = None) -> None:
+    """A text-to-image demo's --out before any work: free of an earlier demo's outputs, or (with `overwrite`)
+    cleared of them, anything else left alone. `base` (shapes-lora's --base) must be another folder."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder")
+    if base is not None and out.resolve() == base.resolve():
+        raise RunFolderError(f"--out {out} is the --base folder: the fine-tune would replace its base; choose another")
+    found = [name for name in DEMO_OUTPUTS if (out / name).exists()]
+    if found and not overwrite:
+        raise RunFolderError(
+            f"{out} holds an earlier demo's {', '.join(found)}: replace them with --overwrite, or choose another folder"
+        )
+    for name in found:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def own_components(run_dir: Path) -> list[str]:
     """Those of `COMPONENT_FILES` in `run_dir` that sdpipe made: a VAE run, a components pipeline, a partial one."""
     marks = {"components": "model_index.json", "vae": CONFIG_FILE, ".components.partial": ""}
