@@ -116,7 +116,13 @@ def demo(
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    overwrite: RunOverwriteOpt = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Remove an earlier demo's outputs in OUT first (its run; for shapes also its data and figures, "
+            "keeping the content-keyed cache)."
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the whole pipeline on an embedded data set: train, save, sample, evaluate, report (digits ~5 min,
