@@ -90,7 +90,7 @@ class ToyTask:
 
 def _trainer(run_dir: Path, sets: Sequence[str] = (), resume: bool = False, **task: Any) -> Trainer:
     cfg = load_config(None, [*BASE, *sets])
-    acc, gen = start_run(cfg, run_dir, resume)
+    acc, gen = start_run(cfg.train, run_dir, resume)
     return Trainer(
         cfg.train, cfg.model_dump(mode="json"), run_dir, ToyTask(gen, cfg.train.batch_size, **task), acc, gen
     )
@@ -161,7 +161,7 @@ def test_step_runner_returns_the_loss_and_the_unclipped_norm_and_clips(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = load_config(None, BASE)
-    acc, gen = start_run(cfg, tmp_path, False)
+    acc, gen = start_run(cfg.train, tmp_path, False)
     task = ToyTask(gen, 8)
     model = acc.prepare(task.module)
     params = [p for _, p in task.trainable()]

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from diffusers.models.unets.unet_2d import UNet2DModel
 from torch import nn
 
-from sdpipe.config import PipelineConfig
+from sdpipe.config import PipelineConfig, TrainConfig
 from sdpipe.data import ImageSet
 from sdpipe.models import build_unet
 from sdpipe.train.interrupt import TrainingInterrupted
@@ -46,9 +46,9 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def start_run(cfg: PipelineConfig, run_dir: Path, resume: bool) -> tuple[Accelerator, torch.Generator]:
-    """Check the run folder, set threads and seeds, and start accelerate (shared by every kind of model)."""
-    t_cfg = cfg.train
+def start_run(t_cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[Accelerator, torch.Generator]:
+    """Check the run folder, set threads and seeds, and start accelerate (shared by every kind of model): the
+    run's `train` section in, the accelerator and the run's one generator out."""
     if not resume:
         check_new_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def train(
     every that many steps and its numbers are logged as `evaluation` events. SIGINT or SIGTERM stops the run
     at the next step boundary with a checkpoint, raising `TrainingInterrupted`."""
     run_dir = Path(run_dir)
-    accelerator, gen = start_run(cfg, run_dir, resume)
+    accelerator, gen = start_run(cfg.train, run_dir, resume)
     task = PixelTask(cfg, data, gen, validation)
     trainer = Trainer(cfg.train, cfg.model_dump(mode="json"), run_dir, task, accelerator, gen)
     out = trainer.run(resume, progress, evaluator)

@@ -54,7 +54,7 @@ def train_text_to_image(
     """Train as `cfg.train.method` says and save RUN/model (and RUN/lora.safetensors for a LoRA)."""
     run_dir = Path(run_dir)
     rendering = check_settings(cfg)
-    accelerator, gen = start_run(cfg, run_dir, resume)
+    accelerator, gen = start_run(cfg.train, run_dir, resume)
     base = load_base(base_of(cfg, run_dir), device=str(accelerator.device))
     task = TextToImageTask(cfg, base, data, gen, accelerator.device, validation, cache_progress)
     trainer = Trainer(cfg.train, cfg.model_dump(mode="json"), run_dir, task, accelerator, gen)

@@ -74,7 +74,7 @@ def train_vae(
 ) -> AutoencoderKL:
     """Train `vae` on `data` as `cfg.train` says; returns its EMA weights (RUN holds checkpoints, metrics)."""
     run_dir = Path(run_dir)
-    accelerator, gen = start_run(cfg, run_dir, resume)
+    accelerator, gen = start_run(cfg.train, run_dir, resume)
     task = VaeTask(cfg, vae, data, gen)
     out = Trainer(cfg.train, cfg.model_dump(mode="json"), run_dir, task, accelerator, gen).run(resume, progress)
     return out.module
