@@ -105,6 +105,30 @@ class TableDataConfig(BaseModel):
         return str(self.path)
 
 
+class TablePreprocessConfig(BaseModel):
+    """How a table's columns become model inputs and back (sdpipe.tabular.preprocess, docs/tables.md
+    "Pre-processing"). Fitted on the training split only; the fitted result is saved with the model."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # numbers and datetimes: "quantile" maps each column through its training quantiles onto a standard
+    # normal (sklearn QuantileTransformer(output_distribution="normal"), as TabDDPM does); "standard"
+    # subtracts the training mean and divides by the standard deviation (sklearn StandardScaler)
+    numeric_scaling: Literal["quantile", "standard"] = "quantile"
+    # how many quantiles "quantile" keeps; None: TabDDPM's max(min(rows // 30, 1000), 10), at most the rows
+    quantiles: int | None = Field(default=None, ge=2, le=10_000)
+    # extra category inputs derived from each datetime column (month, weekday, hour in its time zone): they
+    # help a model learn calendar patterns, and decoding ignores them (the datetime comes from its number)
+    datetime_features: list[Literal["month", "weekday", "hour"]] = Field(default_factory=list)
+
+    @field_validator("datetime_features")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each feature at most once, got {value}")
+        return value
+
+
 def load_table_config(values: dict[str, Any] | None = None) -> TableDataConfig:
     """A `TableDataConfig` from a mapping (a YAML `data:` section with overrides applied), or `TableConfigError`."""
     try:
