@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sdpipe.tabular.config import TableConfigError, TableDataConfig, TablePreprocessConfig, load_table_config
+    from sdpipe.tabular.generate import Imputation, generate_rows, impute
+    from sdpipe.tabular.model_config import TableModelConfig
     from sdpipe.tabular.preprocess import (
         EncodedTable,
         PreprocessError,
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     )
     from sdpipe.tabular.schema import TypedTable, infer_schema
     from sdpipe.tabular.sources import RawTable, TableError, is_table_source, load_table
+    from sdpipe.tabular.train import TableModel, load_table_model, save_table_model, train_table_model
     from sdpipe.tabular.validate import validate_table
 
 _HOME = {
@@ -34,9 +37,20 @@ _HOME = {
     **dict.fromkeys(["TypedTable", "infer_schema"], "schema"),
     **dict.fromkeys(["RawTable", "TableError", "is_table_source", "load_table"], "sources"),
     "validate_table": "validate",
+    "TableModelConfig": "model_config",
+    **dict.fromkeys(["TableModel", "load_table_model", "save_table_model", "train_table_model"], "train"),
+    **dict.fromkeys(["Imputation", "generate_rows", "impute"], "generate"),
 }
 
 __all__ = [
+    "Imputation",
+    "TableModel",
+    "TableModelConfig",
+    "generate_rows",
+    "impute",
+    "load_table_model",
+    "save_table_model",
+    "train_table_model",
     "EncodedTable",
     "PreprocessError",
     "RawTable",

@@ -18,10 +18,21 @@ class TableModelConfig(BaseModel):
     * ``"onehot"``: each category as a one-hot vector scaled to +-1 inside the Gaussian block, decoded by
       argmax (the "analog bits" family, Chen et al. 2022).
 
-    The default was chosen by measurement (bench/table_categorical.py on palmerpenguins, 3 seeds each; see
-    docs/table-models.md for the figures): ``masked``. It matched or beat ``onehot`` on category fidelity
-    and pairwise association at the same training cost, and it conditions on known categories exactly
-    (an observed category is an input, not a noised vector).
+    The default was chosen by measurement: bench/table_categorical.py, palmerpenguins (258 training rows, 86
+    held-out, 1000 generated), 3000 steps, 3 seeds each, mean +- 95 % interval over seeds (docs/table-models.md):
+
+    ================================  ===============  ===============
+    figure                            masked           onehot
+    ================================  ===============  ===============
+    categories, total variation       0.093 +- 0.004   0.089 +- 0.003
+    numbers, Kolmogorov-Smirnov       0.094 +- 0.002   0.125 +- 0.005
+    pairwise association error        0.061 +- 0.011   0.062 +- 0.006
+    training seconds (2 busy cores)   59 +- 50         61 +- 6
+    ================================  ===============  ===============
+
+    ``masked`` is the default: the same category fidelity and pairwise error within the intervals, clearly
+    better numbers (mostly "year", an integer of 3 values: KS 0.18 against 0.01; the cause is not studied), and a
+    known category conditions exactly (an input token, never a noised vector).
     """
 
     model_config = ConfigDict(extra="forbid")
