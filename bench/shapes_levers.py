@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/shapes_levers.py prepare --out DIR [--seed 0]
     .venv/bin/python bench/shapes_levers.py run --out DIR --name NAME [--seed 0] [--set key=value ...]
+    .venv/bin/python bench/shapes_levers.py lora --out DIR --base NAME --name NAME2 [--text-encoder]
     .venv/bin/python bench/shapes_levers.py table --out DIR
 
 `prepare` renders the demo's data (`sdpipe.data.shapes`, the demo's sizes) and trains the demo's own components
 once (its VAE and its random CLIP text encoder, in DIR/base/components). `run` trains the demo's UNet
 (`sdpipe.demo_shapes.unet_config`) on those components with the `--set` overrides and `train.seed=--seed`,
 samples the judge's prompts and prints and writes the judge's scores (DIR/NAME/scores.json). So two runs
-differ only in the lever and the seed, never in the VAE. `table` prints every run's scores side by side.
+differ only in the lever and the seed, never in the VAE. The demo's own settings are the default: since the
+text encoder trains with the UNet by default, the frozen-encoder baseline is `--set train.train_text_encoder=false`.
+`lora` runs `sdpipe demo shapes-lora` on run NAME's model into DIR/NAME2 (`--text-encoder`: a LoRA on the text
+encoder too) and keeps its judge's before/after figures. `table` prints every run's scores side by side.
 
 Runs are meant to go two at a time on 2 cores (each uses one torch thread, the demo's default), each with its
 own latent cache. Figures: the share of samples the judge reads as right per caption kind, with 95 % intervals
@@ -63,6 +67,17 @@ def run(out: Path, name: str, seed: int, sets: list[str]) -> dict:
     return scores
 
 
+def lora(out: Path, base: str, name: str, text_encoder: bool) -> dict:
+    from dataclasses import replace
+
+    from sdpipe.demo_shapes_lora import LoraBudget, run_shapes_lora_demo
+
+    t = time.perf_counter()
+    metrics = run_shapes_lora_demo(out / base, out / name, replace(LoraBudget(), text_encoder=text_encoder), False)
+    print(json.dumps({"name": name, "seconds": round(time.perf_counter() - t), **metrics}, indent=2, default=str))
+    return metrics
+
+
 def table(out: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/scores.json"))]
     for r in rows:
@@ -76,16 +91,20 @@ def table(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["prepare", "run", "table"])
+    ap.add_argument("what", choices=["prepare", "run", "lora", "table"])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--name", default="baseline")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base", default="te", help="lora: the run whose model the LoRA fine-tunes")
+    ap.add_argument("--text-encoder", action="store_true", help="lora: a LoRA on the text encoder too")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="a config override, key=value")
     a = ap.parse_args()
     if a.what == "prepare":
         prepare(a.out, a.seed)
     elif a.what == "run":
         run(a.out, a.name, a.seed, a.sets)
+    elif a.what == "lora":
+        lora(a.out, a.base, a.name, a.text_encoder)
     else:
         table(a.out)
 

@@ -40,6 +40,7 @@ class LoraBudget:
     # no better (README, the shapes demo)
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
     learning_rate: float = 1e-3
+    text_encoder: bool = False  # a LoRA on the text encoder too (train.train_text_encoder)
     prompts_per_group: int = 64
     sample_steps: int = 20
     guidance: float = 3.0
@@ -60,6 +61,7 @@ def lora_config(out: Path, base_model: Path, b: LoraBudget) -> PipelineConfig:
         "train.warmup_steps=20", f"train.checkpoint_every={b.steps}", f"train.seed={b.seed}",
         f"train.cache_dir={out / 'cache'}", "sample.sampler=dpmpp_2m", f"sample.steps={b.sample_steps}",
         f"sample.guidance={b.guidance}", f"train.threads={b.threads}",
+        f"train.train_text_encoder={str(b.text_encoder).lower()}",
     ])  # fmt: skip
 
 
