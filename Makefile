@@ -11,6 +11,9 @@ $(BIN)/sdpipe: pyproject.toml
 # the CPU build of torch first, so the open `torch>=2.4` range installs nothing more
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+# SDMetrics (the table evaluation's quality and DCR reports, optional) declares pandas<3 but runs on pandas 3
+# (tests/test_tabular_evaluate.py): installed without its pins, with the three packages it needs
+	$(BIN)/pip install -q --no-deps sdmetrics==0.32.0 copulas==0.14.1 plotly==7.1.0 narwhals==2.29.0
 	touch $@
 
 setup: $(BIN)/sdpipe

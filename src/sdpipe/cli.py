@@ -213,7 +213,10 @@ def _images_folder(out: Path, overwrite: bool) -> None:
 @app.command()
 def generate(
     model: Annotated[str, typer.Option(help=MODEL_HELP)],
-    out: Annotated[Path, typer.Option(help="Folder for the PNGs and samples.jsonl (new or empty).")],
+    out: Annotated[
+        Path,
+        typer.Option(help="Folder for the PNGs and samples.jsonl (new or empty); table models: a .csv/.parquet file."),
+    ],
     label: Annotated[
         str | None, typer.Option(help="Pixel-space class models: class to draw (e.g. 0..9), or 'all' to cycle.")
     ] = None,
@@ -253,10 +256,17 @@ def generate(
     vae_tiling: Annotated[bool, typer.Option(help="Decode in tiles: for sizes whose decode would not fit.")] = False,
     attention_slicing: Annotated[bool, typer.Option(help="Attention in slices: less memory, a little slower.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images held in memory at once; never changes an image.")] = 1000,
-    overwrite: ImagesOverwriteOpt = False,
+    condition: Annotated[
+        list[str] | None,
+        typer.Option(help="Table models: COLUMN=VALUE that every row carries, the rest drawn given it (repeatable)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Remove the PNGs and samples.jsonl already in OUT first (table models: replace OUT).")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Generate images from a saved model: OUT/00000.png, ... and OUT/samples.jsonl.
+    """Generate images from a saved model: OUT/00000.png, ... and OUT/samples.jsonl; or, from a table model,
+    --n rows into OUT (.csv or .parquet; row i takes seed S+i, so the same seed gives the same rows whatever n).
 
     A pixel-space class model takes --label; a Stable Diffusion model (a diffusers folder or one .safetensors
     file) takes --prompt or --prompts. Image i's noise comes from its own CPU generator seeded S+i, so it is the
@@ -265,6 +275,20 @@ def generate(
     from sdpipe.sampling.files import generate_files
 
     with _user_errors():
+        from sdpipe.tabular.commands import generate_command, table_model_path
+
+        if (table := table_model_path(model)) is not None:
+            image_options = {"--label": label, "--prompt": prompt, "--prompts": prompts, "--width": width,
+                             "--height": height, "--steps": steps, "--sampler": sampler, "--guidance": guidance,
+                             "--image": image, "--strength": strength, "--mask": mask, "--lora": lora,
+                             "--config": single_file_config, "--micro-batch": micro_batch}  # fmt: skip
+            given = [k for k, v in image_options.items() if v] + [k for k, v in (("--negative-prompt", negative_prompt),
+                     ("--vae-tiling", vae_tiling), ("--attention-slicing", attention_slicing)) if v]  # fmt: skip
+            line = generate_command(table, out, n, seed, condition or [], overwrite, device, dtype, given)
+            out_console.print(line, markup=False, highlight=False)
+            return
+        if condition:
+            raise ValueError("--condition is for table models; image models take --label or --prompt")
         _check_seeds(seed, n)
         _images_folder(out, overwrite)
         loaded = _load(model, device, dtype, single_file_config)
@@ -313,6 +337,32 @@ def generate(
 
 
 @app.command()
+def impute(
+    model: Annotated[str, typer.Option(help="A table model: " + MODEL_HELP)],
+    input_: Annotated[Path, typer.Option("--input", help="Rows with missing cells: a .csv or .parquet file.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="The filled rows (.csv or .parquet); OUT's name with .intervals.csv (FILLED.csv -> "
+            "FILLED.intervals.csv, beside it) gets one line per filled cell: row (1-based), column, value, "
+            "low and high (numbers: the 2.5 % and 97.5 % draws), shares (categories: JSON share of each value)."
+        ),
+    ],
+    draws: Annotated[int, typer.Option(help="Draws per row; a number is their median, a category their mode.")] = 10,
+    seed: Annotated[int, typer.Option(help=f"Draw k of row j uses seed S + j*K + k (0..{MAX_SEED}).")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or mps.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT and its .intervals.csv if they exist.")] = False,
+) -> None:
+    """Fill the missing cells of a table with a table model, each row drawn --draws times given its observed
+    cells (which stay exactly as they are); writes OUT and OUT's .intervals.csv."""
+    from sdpipe.tabular.commands import impute_command
+
+    with _user_errors():
+        line = impute_command(model, input_, out, draws, seed, overwrite, device)
+    out_console.print(line, markup=False, highlight=False)
+
+
+@app.command()
 def replay(
     image: Annotated[Path, typer.Argument(help="A PNG written by sdpipe generate.")],
     out: Annotated[Path, typer.Option(help="Folder for the regenerated image (new or empty).")],
@@ -351,15 +401,18 @@ def train(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a model from a config and save it to OUT/model (checkpoints in OUT/checkpoints)."""
+    """Train a model from a config and save it to OUT/model (checkpoints in OUT/checkpoints). A config whose
+    data.source is `table` (examples/table.yaml) trains a table model on data.path, validated into
+    data.validated_dir (validated first when that folder holds no validation)."""
     from sdpipe.pipeline import train_any
-    from sdpipe.train.run_dir import claim_run_dir, saved_run_config
+    from sdpipe.tabular.pipeline_config import load_train_config
+    from sdpipe.train.run_dir import claim_run_dir
 
     with _user_errors(), _training():
         if resume:
             claim_run_dir(out, resume=True, overwrite=overwrite)  # the folder must hold a run
-        saved = saved_run_config(out) if resume and config is None else None
-        cfg = _config(config, set_, base=saved)  # checked before --overwrite removes anything
+        # an image config, or a table one (data.source: table); checked before --overwrite removes anything
+        cfg = load_train_config(config, set_, run_dir=out if resume else None)
         if not resume:
             claim_run_dir(out, resume=False, overwrite=overwrite)
         trained = train_any(cfg, out, show_progress=not quiet, resume=resume, revalidate=revalidate)
@@ -400,15 +453,42 @@ def evaluate(
             "FD ratio, two-sample test.",
         ),
     ] = False,
+    real: Annotated[
+        Path | None,
+        typer.Option(help="Table models: a .csv/.parquet of held-out rows [default: the run's own test split]."),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Table models: the column of the train-on-synthetic test [default: the last categorical one]."
+        ),  # fmt: skip
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a saved model. Pixel-space class models: FID/KID/precision/recall against the held-out split,
     per-class accuracy, memorization, quality vs steps. Text-to-image models (--prompts): a grid per prompt,
-    the CLIP score with --clip, FID/KID against --reference; every figure with its 95 % interval."""
+    the CLIP score with --clip, FID/KID against --reference. Table models: fidelity, detection, efficacy,
+    privacy and imputation against held-out rows (docs/table-models.md). Every figure with its 95 % interval."""
     from sdpipe.evaluate.command import check_sweep, evaluate_saved_model, parse_list
     from sdpipe.models.pipelines import LoadedPipeline
+    from sdpipe.tabular.commands import load_table_ref, table_model_path
 
     with _user_errors(RuntimeError):  # evaluate's errors: a wrong Inception file is a RuntimeError too
+        if (table := table_model_path(model)) is not None:
+            from sdpipe.tabular.evaluate_command import evaluate_command
+
+            image_only = {"--data": data, "--inception": inception, "--samplers": samplers, "--prompts": prompts,
+                          "--clip": clip, "--reference": reference, "--held-out": held_out or None,
+                          "--steps": None if steps == "5,10,20,50" else steps}  # fmt: skip
+            if image_given := [k for k, v in image_only.items() if v is not None]:
+                raise ValueError(
+                    f"{model} is a table model: it takes --real, --target and --n, not {', '.join(image_given)}"
+                )
+            for line in evaluate_command(load_table_ref(table), out, real, n, target=target):
+                out_console.print(line, markup=False, highlight=False)
+            return
+        if real is not None or target is not None:
+            raise ValueError("--real and --target are for table models")
         names = None if samplers is None else parse_list(samplers, "--samplers")  # checked before any loading
         counts = check_sweep(names or [], parse_list(steps, "--steps"))
         loaded = _load(model)

@@ -292,7 +292,8 @@ class PipelineConfig(_Section):
         return self
 
 
-def _format_errors(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+def format_errors(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    """A pydantic error as the config's `key: problem` lines (unknown keys list what is allowed there)."""
     lines = []
     for e in err.errors():
         key = prefix + ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -353,12 +354,20 @@ def load_config(
 ) -> PipelineConfig:
     """Read a YAML config (or start from `base`, e.g. a run's saved config, or the defaults), apply
     `dotted.key=value` overrides, validate everything."""
+    return validate_config(config_tree(path, overrides, base=base))
+
+
+def config_tree(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The unchecked sections `load_config` validates: the YAML file (or a copy of `base`, or nothing) with
+    the `dotted.key=value` overrides applied (also what a table config is read with, sdpipe.tabular)."""
     tree: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         tree = read_config_file(path)
     for item in overrides or []:
         _set_dotted(tree, *parse_override(item))
-    return validate_config(tree)
+    return tree
 
 
 def validate_section(section: str, values: dict[str, Any]) -> Any:
@@ -367,11 +376,11 @@ def validate_section(section: str, values: dict[str, Any]) -> Any:
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, model, prefix=f"{section}.")) from None
+        raise ConfigError(format_errors(err, model, prefix=f"{section}.")) from None
 
 
 def validate_config(tree: dict[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, PipelineConfig)) from None
+        raise ConfigError(format_errors(err, PipelineConfig)) from None

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from sdpipe.progress import progress_bar
 from sdpipe.sampling import SampleSpec, generate, make_scheduler
 from sdpipe.sampling.files import to_pixels
 from sdpipe.train import TrainResult, sampler_config, train
+
+if TYPE_CHECKING:
+    from sdpipe.tabular.pipeline_config import TablePipelineConfig
 
 
 class DataError(ValueError):
@@ -101,10 +104,21 @@ class TrainedModel:
 
 
 def train_any(
-    cfg: PipelineConfig, run_dir: str | Path, show_progress: bool = True, resume: bool = False, revalidate: bool = False
+    cfg: PipelineConfig | TablePipelineConfig,
+    run_dir: str | Path,
+    show_progress: bool = True,
+    resume: bool = False,
+    revalidate: bool = False,
 ) -> Any:
     """What `sdpipe train` runs: `train_model` for pixel-space models, `pipeline_t2i.train_t2i_model` for
-    text-to-image ones. Either result has `.model.path`, the saved RUN/model."""
+    text-to-image ones, `tabular.pipeline.train_table` for table configs (`data.source: table`). Each result
+    has `.model.path`, the saved RUN/model."""
+    from sdpipe.tabular.pipeline_config import TablePipelineConfig
+
+    if isinstance(cfg, TablePipelineConfig):
+        from sdpipe.tabular.pipeline import train_table
+
+        return train_table(cfg, run_dir, resume, show_progress, revalidate)
     if cfg.model.type == "text-to-image":
         from sdpipe.pipeline_t2i import train_t2i_model
 

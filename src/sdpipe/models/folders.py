@@ -47,6 +47,8 @@ def identify_folder(folder: Path, *, with_hash: bool) -> Identity:
             if base is not None:
                 note = f"a LoRA training run: base {meta['base']} with the LoRA {meta['lora']}"
                 return replace(base, path=folder, notes=(*base.notes, note))
+        if meta.get("kind") == "table":
+            return identify_table(folder, meta, with_hash=with_hash)
         if "kind" in meta:
             raise ModelFileError(
                 f"{folder}: its sdpipe.json is of kind {meta['kind']!r}, which this sdpipe cannot read"
@@ -245,6 +247,21 @@ def identify_pixel_class(folder: Path, meta: dict[str, Any], *, with_hash: bool)
         size_bytes=sum(f.stat().st_size for f in files),
         sha256=hashes.folder_sha256(folder, parts) if with_hash else None,
         short_hash=str(weights_hash) if weights_hash else None, notes=tuple(notes),
+    )  # fmt: skip
+
+
+def identify_table(folder: Path, meta: dict[str, Any], *, with_hash: bool) -> Identity:
+    """A table model (sdpipe.tabular: denoiser/, preprocess/, sdpipe.json of kind "table"): its hash is that
+    of every file in the folder (`hashes.folder_sha256(folder, ["."])`, as `sdpipe.tabular.commands`)."""
+    if not (folder / "denoiser" / "config.json").is_file():
+        raise ModelFileError(f"{folder} is not a complete table model: denoiser/config.json is missing")
+    files = [folder / rel for rel in hashes.component_files(folder)]
+    sha = hashes.folder_sha256(folder, ["."]) if with_hash else None
+    return Identity(
+        kind="table", path=folder, architecture=f"table-mlp-{meta.get('categorical', 'masked')}",
+        prediction_type=str(read_json(folder / "table_model.json").get("prediction_type", "epsilon")),
+        components=(), size_bytes=sum(f.stat().st_size for f in files), sha256=sha,
+        short_hash=sha[:16] if sha else None, notes=("a table model: rows, not images",),
     )  # fmt: skip
 
 

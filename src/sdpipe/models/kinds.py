@@ -9,6 +9,7 @@ what it found and what was expected. Then:
 | `pixel-class` | `models.format.load_model` (sdpipe's own digits-style models) |
 | `sd-pipeline` | `<model_index.json's class>.from_pretrained(local_files_only=True)` |
 | `sd-single-file` | `from_single_file(config=<a shipped config folder>, local_files_only=True)`: never a download |
+| `table` | not here: a table model makes rows, not images; `sdpipe.tabular.commands` loads it (`LoadedTable`) |
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def load_any(path: str | Path, device: str = "cpu", dtype: str = "float32", conf
     from sdpipe.models.files import identify
 
     path = Path(path)
+    from sdpipe.tabular.commands import is_table_model
+
+    if is_table_model(path):  # rows, not images: the table commands load it (sdpipe.tabular.commands)
+        raise ValueError(
+            f"{path} is a table model: it makes rows (sdpipe generate --out FILE.csv, sdpipe impute, sdpipe serve), "
+            "not images"
+        )
     from sdpipe.models.folders import lora_run
 
     run_lora = lora_run(path)

@@ -41,6 +41,7 @@ RETRIES = 30
 # the families of kinds, one to a model name: its versions are interchangeable behind an alias
 FAMILIES = {"pixel-class": "pixel-space", "sd-pipeline": "Stable Diffusion", "sd-single-file": "Stable Diffusion"}
 FAMILIES["lora"] = "LoRA"
+FAMILIES["table"] = "table"  # sdpipe.tabular's models (sdpipe.json "kind": "table")
 _SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+-]{0,190}\.safetensors")
 
 
@@ -79,7 +80,7 @@ class Registry:
         model_dir = Path(model_dir)
         if model_dir.is_file() or (model_dir / "model_index.json").is_file():
             return self._register_sd(model_dir, name, metrics, base)
-        if model_dir.is_dir() and not (model_dir / "sdpipe.json").is_file():
+        if model_dir.is_dir() and (not (model_dir / "sdpipe.json").is_file() or _table_folder(model_dir)):
             return self._register_sd(model_dir, name, metrics, base)  # identify refuses it, saying what it is
         if base is not None:
             raise RegistryError(f"--base is for LoRA files; {model_dir} is not one")
@@ -509,6 +510,11 @@ def _not_a_model(version: Version) -> str:
         f"{version.ref} is a LoRA ({version.architecture}), not a model: apply it to a base model with "
         f"--lora {version.name}:{version.version} (or {version.name}@ALIAS)"
     )
+
+
+def _table_folder(folder: Path) -> bool:
+    """A table model folder: registered from `identify`'s answer, as Stable Diffusion folders are."""
+    return bool(json.loads((folder / "sdpipe.json").read_text()).get("kind") == "table")
 
 
 def _stored_name(source: Path) -> str:

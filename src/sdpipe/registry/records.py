@@ -31,7 +31,7 @@ class _Dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
 
 
-MODEL_KINDS = ("pixel-class", "sd-pipeline", "sd-single-file")  # what `load` loads; a "lora" is not a model
+MODEL_KINDS = ("pixel-class", "sd-pipeline", "sd-single-file", "table")  # what `load` loads; a "lora" is not a model
 
 
 @dataclass

@@ -84,7 +84,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/generate, the web UI's API under /sdapi/v1 (Stable Diffusion models),
-    a web page at /, /healthz, /readyz, /metrics."""
+    a web page at /, /healthz, /readyz, /metrics. A table model serves POST /v1/generate (rows as JSON or
+    CSV) and POST /v1/impute instead (sdpipe.serve.tables)."""
     import logging
 
     import uvicorn
@@ -103,7 +104,11 @@ def serve(
     except (ConfigError, ValueError) as exc:
         raise _fail(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(model_resolver(model, registry_url, device, dtype, single_file_config), settings, keys)
+    from sdpipe.serve.tables import table_app_for
+
+    app = table_app_for(model, registry_url, device, dtype, settings, keys) or create_app(
+        model_resolver(model, registry_url, device, dtype, single_file_config), settings, keys
+    )
     try:
         app.state.holder.refresh()  # load, check and warm up the model now: a wrong or damaged one stops here
     except Exception as exc:  # the registry's own errors included

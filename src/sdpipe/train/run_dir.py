@@ -24,6 +24,9 @@ from sdpipe.train.checkpoint import latest_checkpoint
 
 CONFIG_FILE = "config.yaml"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "report.html", "metrics.json", "logs", "mlruns")
+# written just before a run starts (a table run's whole config, sdpipe.tabular.pipeline_config): removed by
+# --overwrite with the run, but not by itself a run in the folder
+SIDE_FILES = ("table_config.yaml",)
 # a text-to-image scratch run's own components (train.components), made before the UNet's run starts in the same
 # folder: removed by --overwrite with the rest; train.components refuses to reuse them unless resuming
 COMPONENT_FILES = ("components", "vae", ".components.partial")
@@ -116,7 +119,8 @@ def own_components(run_dir: Path) -> list[str]:
 
 def remove_run(run_dir: Path) -> None:
     """Delete a run's files from `run_dir`, leaving anything else in it."""
-    for name in [*run_files(run_dir), *own_components(run_dir)]:
+    side = [name for name in SIDE_FILES if (run_dir / name).exists()]
+    for name in [*run_files(run_dir), *own_components(run_dir), *side]:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)  # other processes of the run may be removing it too
