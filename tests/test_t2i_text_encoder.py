@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import test_t2i_train
 from sdpipe.data import open_split
 from sdpipe.models.pipelines import load_pipeline
 from sdpipe.train.losses import TokenCond
@@ -20,16 +21,7 @@ from test_t2i_train import Interrupt, _config, _stop_at, _weights, _write_images
 pytestmark = pytest.mark.usefixtures("offline", "one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def captioned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from sdpipe.config import load_config
-    from sdpipe.data.validate import validate
-
-    root = tmp_path_factory.mktemp("captioned")
-    source = _write_images(root / "images")
-    validate(str(source), root / "validated", load_config(None, []).data)
-    return source, root / "validated"
-
+captioned = test_t2i_train.captioned  # the captioned set's fixture, shared (test_t2i_precision takes it from here)
 
 PROMPTS = ["a red square", "", "a blue square left of a white square"]
 
