@@ -277,6 +277,7 @@ def test_a_recorded_base_that_differs_is_a_warning(sd1: LoadedPipeline, tmp_path
     assert "sdpipe.base_hash=sha256:ffff" in warning and str(sd1.hash) in warning
     assert check_fits(sd1, same).warnings == ()
     assert check_fits(sd1, kohya).warnings == ()  # a checkpoint file's hash: a folder cannot be compared with it
+    assert check_fits(sd1.pipe, other).warnings == ()  # a bare pipeline (apply_loras' per-batch check) has no hash
     assert check_fits(sd1, loras["sd1-te"]).components == ("unet", "text_encoder")
 
 

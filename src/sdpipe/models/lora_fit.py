@@ -233,11 +233,12 @@ def _base_name(base: Any) -> str:
 
 def _hash_warnings(path: Path, recorded: Mapping[str, str], base: Any) -> list[str]:
     """A warning per recorded base hash that can be compared with this base and differs: sdpipe's own against the
-    base's hash; kohya's only when the base is a single checkpoint file (they hash a file)."""
+    base's hash (when the base has one: a bare pipeline, as `apply_loras` passes, has none to compare); kohya's
+    only when the base is a single checkpoint file (they hash a file)."""
     own = _known_hashes(base)
     warnings = []
     for key, value in recorded.items():
-        comparable = key == "sdpipe.base_hash" or own.get("file")
+        comparable = (key == "sdpipe.base_hash" and own["sdpipe"]) or own.get("file")
         if comparable and not any(_same_hash(value, h) for h in own.values() if h):
             warnings.append(
                 f"LoRA {path} records {key}={value}, but base {_base_name(base)} differs: it may have been trained "
