@@ -220,18 +220,19 @@ def test_interrupted_run_says_how_to_resume_and_resumes_to_the_same_weights(
 
 def test_evaluate_judges_the_run_against_its_own_test_split_or_a_file(run: dict[str, Path], tmp_path: Path) -> None:
     """`sdpipe evaluate --model RUN/model` reads the run's test split as recorded (or --real FILE), writes
-    metrics.json with every figure over 4 sets, and refuses image options."""
+    metrics.json with every figure over --sets sets, and refuses image options."""
     model = str(run["run"] / "model")
-    result = _ok(runner.invoke(app, ["evaluate", "--model", model, "--out", str(tmp_path / "own"), "-q"]))
+    result = _ok(runner.invoke(app, ["evaluate", "--model", model, "--out", str(tmp_path / "own"), "--sets", "2"]))
     metrics = json.loads((tmp_path / "own" / "metrics.json").read_text())
     record = json.loads((run["run"] / "model" / "sdpipe_training.json").read_text())
     assert metrics["settings"]["heldout_rows"] == record["rows"]["test"]
     assert metrics["settings"]["train_rows"] == record["rows"]["train"]
-    assert len(metrics["figures"]["detection_accuracy"]["values"]) == 4
+    assert len(metrics["figures"]["detection_accuracy"]["values"]) == 2
     assert "detection_accuracy" in result.output and "imputation, sdpipe" in result.output
     real = tmp_path / "real.csv"
     mixed_frame(40, seed=9).to_csv(real, index=False)
-    _ok(runner.invoke(app, ["evaluate", "--model", model, "--real", str(real), "--out", str(tmp_path / "f"), "-q"]))
+    args = ["evaluate", "--model", model, "--real", str(real), "--out", str(tmp_path / "f"), "--sets", "2", "-q"]
+    _ok(runner.invoke(app, args))
     assert json.loads((tmp_path / "f" / "metrics.json").read_text())["settings"]["heldout_rows"] == 40
     refused = runner.invoke(app, ["evaluate", "--model", model, "--prompts", str(real), "--out", str(tmp_path / "x")])
     assert refused.exit_code != 0 and "not --prompts" in refused.output

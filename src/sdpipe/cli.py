@@ -463,6 +463,9 @@ def evaluate(
             help="Table models: the column of the train-on-synthetic test [default: the last categorical one]."
         ),  # fmt: skip
     ] = None,
+    sets: Annotated[
+        int, typer.Option(min=2, max=100, help="Table models: sample sets behind each figure's mean and interval.")
+    ] = 4,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a saved model. Pixel-space class models: FID/KID/precision/recall against the held-out split,
@@ -484,11 +487,11 @@ def evaluate(
                 raise ValueError(
                     f"{model} is a table model: it takes --real, --target and --n, not {', '.join(image_given)}"
                 )
-            for line in evaluate_command(load_table_ref(table), out, real, n, target=target):
+            for line in evaluate_command(load_table_ref(table), out, real, n, sets, target):
                 out_console.print(line, markup=False, highlight=False)
             return
-        if real is not None or target is not None:
-            raise ValueError("--real and --target are for table models")
+        if real is not None or target is not None or sets != 4:
+            raise ValueError("--real, --target and --sets are for table models")
         names = None if samplers is None else parse_list(samplers, "--samplers")  # checked before any loading
         counts = check_sweep(names or [], parse_list(steps, "--steps"))
         loaded = _load(model)
