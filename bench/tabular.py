@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from table_categorical import TYPES, penguins, typed  # the same table, read the same way (bench/ is on sys.path)
 
 from sdpipe.config import load_config
 from sdpipe.evaluate.intervals import interval
@@ -45,34 +46,13 @@ from sdpipe.tabular.evaluate import evaluate_imputation, evaluate_samples, model
 from sdpipe.tabular.generate import generate_rows
 from sdpipe.tabular.model_config import TableModelConfig
 from sdpipe.tabular.preprocess import fit_preprocessor
-from sdpipe.tabular.schema import Column, TypedTable
 from sdpipe.tabular.train import train_table_model
 
-TYPES = {
-    "species": "categorical", "island": "categorical", "bill_length_mm": "numeric", "bill_depth_mm": "numeric",
-    "flipper_length_mm": "numeric", "body_mass_g": "numeric", "sex": "categorical", "year": "integer",
-}  # fmt: skip
 KINDS = {n: "categorical" if t == "categorical" else "numerical" for n, t in TYPES.items()}
 SHOWN = [
     "quality_score", "column_shapes", "column_pair_trends", "detection_accuracy", "detection_auc",
     "efficacy_synthetic", "efficacy_real", "closer_to_training_share", "dcr_baseline_protection",
 ]  # fmt: skip
-
-
-def penguins() -> pd.DataFrame:
-    import palmerpenguins
-
-    frame = palmerpenguins.load_penguins()
-    for name, kind in TYPES.items():
-        if kind == "categorical":
-            frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
-    return frame[list(TYPES)]
-
-
-def typed(frame: pd.DataFrame) -> TypedTable:
-    columns = [Column(name, TYPES[name], "bench", "") for name in frame.columns]
-    values = {name: frame[name].reset_index(drop=True) for name in frame.columns}
-    return TypedTable(columns, values, {k: v.isna().to_numpy() for k, v in values.items()}, len(frame))
 
 
 Sampler = Callable[[int, int], pd.DataFrame]  # (n, seed) -> rows
