@@ -12,7 +12,7 @@ import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -164,6 +164,11 @@ def demo(
     _print_summary(result.metrics, folder)
 
 
+def _given(options: dict[str, Any]) -> list[str]:
+    """The names of `options` the user set (not None, False, 0 or empty): for refusing options that do not apply."""
+    return [name for name, value in options.items() if value not in (None, False, "", [])]
+
+
 def _print_lora_summary(metrics: dict, out: Path) -> None:
     from sdpipe.evaluate.intervals import fmt
 
@@ -278,12 +283,12 @@ def generate(
         from sdpipe.tabular.commands import generate_command, table_model_path
 
         if (table := table_model_path(model)) is not None:
-            image_options = {"--label": label, "--prompt": prompt, "--prompts": prompts, "--width": width,
-                             "--height": height, "--steps": steps, "--sampler": sampler, "--guidance": guidance,
-                             "--image": image, "--strength": strength, "--mask": mask, "--lora": lora,
-                             "--config": single_file_config, "--micro-batch": micro_batch}  # fmt: skip
-            given = [k for k, v in image_options.items() if v] + [k for k, v in (("--negative-prompt", negative_prompt),
-                     ("--vae-tiling", vae_tiling), ("--attention-slicing", attention_slicing)) if v]  # fmt: skip
+            given = _given({"--label": label, "--prompt": prompt, "--prompts": prompts, "--width": width,
+                            "--height": height, "--steps": steps, "--sampler": sampler, "--guidance": guidance,
+                            "--image": image, "--strength": strength, "--mask": mask, "--lora": lora,
+                            "--config": single_file_config, "--micro-batch": micro_batch,
+                            "--negative-prompt": negative_prompt, "--vae-tiling": vae_tiling,
+                            "--attention-slicing": attention_slicing})  # fmt: skip
             line = generate_command(table, out, n, seed, condition or [], overwrite, device, dtype, given)
             out_console.print(line, markup=False, highlight=False)
             return
@@ -477,15 +482,15 @@ def evaluate(
     from sdpipe.tabular.commands import load_table_ref, table_model_path
 
     with _user_errors(RuntimeError):  # evaluate's errors: a wrong Inception file is a RuntimeError too
+        image_only = {"--data": data, "--inception": inception, "--samplers": samplers, "--prompts": prompts,
+                      "--clip": clip, "--reference": reference, "--held-out": held_out,
+                      "--steps": None if steps == "5,10,20,50" else steps}  # fmt: skip
         if (table := table_model_path(model)) is not None:
             from sdpipe.tabular.evaluate_command import evaluate_command
 
-            image_only = {"--data": data, "--inception": inception, "--samplers": samplers, "--prompts": prompts,
-                          "--clip": clip, "--reference": reference, "--held-out": held_out or None,
-                          "--steps": None if steps == "5,10,20,50" else steps}  # fmt: skip
-            if image_given := [k for k, v in image_only.items() if v is not None]:
+            if image_given := _given(image_only):
                 raise ValueError(
-                    f"{model} is a table model: it takes --real, --target and --n, not {', '.join(image_given)}"
+                    f"{model} is a table model: it takes --real, --target, --sets and --n, not {', '.join(image_given)}"
                 )
             for line in evaluate_command(load_table_ref(table), out, real, n, sets, target):
                 out_console.print(line, markup=False, highlight=False)
@@ -498,17 +503,8 @@ def evaluate(
         if held_out:
             from sdpipe.evaluate.captioned_judge import judge_held_out, training_data, write_held_out
 
-            given = {
-                "--n": n,
-                "--data": data,
-                "--inception": inception,
-                "--samplers": samplers,
-                "--prompts": prompts,
-                "--clip": clip,
-                "--reference": reference,
-                "--steps": None if steps == "5,10,20,50" else steps,
-            }
-            if unused := [k for k, v in given.items() if v is not None]:
+            unused = _given({"--n": n, **image_only, "--held-out": None})
+            if unused:
                 raise ValueError(f"--held-out samples every held-out caption with the run's sample settings and "
                                  f"takes none of {', '.join(unused)}")  # fmt: skip
             if not isinstance(loaded, LoadedPipeline):
