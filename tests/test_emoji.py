@@ -145,5 +145,7 @@ def test_held_out_judge_samples_the_model_and_the_cli_writes_it(emoji_run, tmp_p
     assert figures["sets"] == 4 and len(figures["prompt_adherence"]["values"]) == 4
     assert 0 <= figures["prompt_adherence"]["mean"] <= 1 and figures["fd_ratio"]["mean"] > 0
     assert "prompt adherence" in result.output
-    refused = CliRunner().invoke(app, ["evaluate", "--model", str(model), "--held-out", "--n", "5", "--out", "x"])
+    refused = CliRunner().invoke(
+        app, ["evaluate", "--model", str(model), "--held-out", "--n", "5", "--out", str(tmp_path / "x")]
+    )
     assert refused.exit_code != 0 and "takes none of --n" in refused.output
